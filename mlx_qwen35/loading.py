@@ -1,0 +1,101 @@
+"""From a folder or hub id to a ready model (and tokenizer)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from .config import ModelConfig, load_config
+from .errors import Qwen35Error
+from .model import Model
+from .weights import (
+    apply_quantization,
+    cast,
+    detect_format,
+    drop_unused,
+    load_into,
+    read_checkpoint,
+    to_ours,
+)
+
+# What a checkpoint needs besides its weights; nothing executable.
+CHECKPOINT_FILES = [
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(path_or_id: Union[str, Path]) -> Path:
+    """A local folder as is; a hub id fetched (or found in the hub cache)."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise Qwen35Error(f"{p}: not a folder (expected a checkpoint folder with config.json)")
+        return p
+    s = str(path_or_id)
+    if not _HUB_ID.match(s):
+        raise Qwen35Error(f"{s}: no such folder, and not a Hugging Face repo id like 'Qwen/Qwen3.5-2B'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(s, allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo, interrupted download
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise Qwen35Error(
+            f"{s}: could not fetch from the Hugging Face hub ({reason}); "
+            "check the id and your connection, or pass a local folder"
+        ) from None
+
+
+def load_model(
+    path_or_id: Union[str, Path],
+    *,
+    dtype: Optional[mx.Dtype] = None,
+    vision: bool = True,
+    mtp: bool = False,
+) -> Model:
+    """Build the model from any supported checkpoint layout.
+
+    Weights stay lazy until used; only the language model is evaluated here,
+    so the vision tower costs no memory until an image arrives. ``dtype``
+    casts floating weights (quantized ones stay quantized).
+    """
+    folder = resolve(path_or_id)
+    config = load_config(folder)
+    ckpt = read_checkpoint(folder)
+    fmt = detect_format(config.raw, ckpt.tensors)
+    ckpt = to_ours(ckpt, fmt)
+    has_vision = any(k.startswith("visual.") for k in ckpt.tensors)
+    has_mtp = any(k.startswith("mtp.") for k in ckpt.tensors)
+    model = Model(config, vision=vision and has_vision, mtp=mtp and has_mtp)
+    if config.quantization:
+        apply_quantization(model, config.quantization, ckpt.tensors)
+    load_into(model, drop_unused(ckpt, model), folder)
+    if dtype is not None:
+        cast(model, dtype)
+    mx.eval(model.language_model.parameters())
+    return model
+
+
+def load(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None):
+    """Load ``(model, tokenizer)`` from a local folder or a hub id.
+
+    Accepts our converted folders, raw Hugging Face checkpoints (converted in
+    memory), and folders converted by mlx-lm or mlx-vlm.
+    """
+    from .tokenizer import load_tokenizer
+
+    folder = resolve(path_or_id)
+    return load_model(folder, dtype=dtype), load_tokenizer(folder)
+
+
+__all__ = ["load", "load_model", "resolve", "ModelConfig"]
