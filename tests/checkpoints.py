@@ -124,18 +124,22 @@ def build_hf_checkpoint(
     dtype: str = "float32",
     seed: int = 0,
     with_mtp: bool = True,
+    hf_init: bool = False,
 ):
     """Write a random checkpoint (see :func:`hf_model`) to ``path``.
 
     Returns the transformers model, in float32, holding exactly the weights
     written (bf16 weights are rounded first, so both sides see the same numbers).
+    ``hf_init`` keeps transformers' own initialisation (small weights, norms
+    at identity): a calmer network, for measuring quantization error.
     """
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     model = hf_model(text, vision).eval()
-    randomize(model, seed)
+    if not hf_init:
+        randomize(model, seed)
     tdtype = getattr(torch, dtype)
     with torch.no_grad():
         for p in model.parameters():
@@ -158,3 +162,31 @@ def build_hf_checkpoint(
         idx["weight_map"].update({k: "mtp.safetensors" for k in mtp})
         index.write_text(json.dumps(idx, indent=2))
     return model
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A byte-level BPE over the 256 bytes plus the chat control tokens.
+
+    Enough for tools that insist on a tokenizer (mlx-lm's converter); the real
+    Qwen3.5 tokenizer is built in tokenizer_fixture.py.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "model_max_length": 4096,
+            }
+        )
+    )

@@ -1,0 +1,261 @@
+"""Hugging Face checkpoint → MLX safetensors, at a chosen precision.
+
+The output folder holds sharded safetensors with an index, a ``config.json``
+carrying the quantization settings, and the checkpoint's tokenizer, chat
+template and preprocessor files. The vision tower and MTP head are kept, so
+later features need no re-conversion. The folder appears only when complete:
+everything is written to a temporary sibling folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import load_config
+from .errors import Qwen35Error
+from .loading import resolve
+from .model import Model
+from .weights import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    cast,
+    detect_format,
+    drop_unused,
+    load_into,
+    read_checkpoint,
+    to_ours,
+)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# mode → (bits, group size) for the float formats, whose layout is fixed
+FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+Q_MODES = ("affine", *FLOAT_MODES)
+
+# Copied verbatim from the source checkpoint; never code.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
+
+SHARD_BYTES = 4 << 30
+
+# The per-tensor precision policy of a quantized conversion; first match wins.
+# "keep" leaves the layer at --dtype; a number is the fewest bits it gets.
+# Not listed because they are never quantizable: conv1d, A_log, dt_bias and
+# every norm stay at --dtype (A_log and the text norms in float32).
+# Why each rule, with the measurement behind it: README "Quantization policy".
+QUANT_POLICY: tuple[tuple[str, Union[str, int]], ...] = (
+    # [Hv, hidden]: negligible size, and they set every step's decay and beta
+    (r"\.in_proj_[ab]$", "keep"),
+    # The vision tower stays at --dtype unless --quantize-vision
+    (r"^visual\.", "vision"),
+    # GDN output projection: sensitive on these hybrids, 4 % of the weights
+    (r"\.linear_attn\.out_proj$", 8),
+    # The 6 full-attention layers' projections: sensitive, 5 % of the weights
+    (r"\.self_attn\.[qkvo]_proj$", 8),
+    # Tied embedding = output head: a quarter of the bytes read per token at 4 bits
+    (r"(^|\.)(embed_tokens|lm_head)$", 6),
+    (r"", "default"),
+)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+    vision: bool = False
+
+    def __post_init__(self):
+        if self.mode not in Q_MODES:
+            raise Qwen35Error(f"--q-mode: {self.mode!r} is not one of {Q_MODES}")
+        if self.mode == "affine":
+            if self.bits not in (2, 3, 4, 5, 6, 8):
+                raise Qwen35Error(f"--q-bits: {self.bits} is not one of 2, 3, 4, 5, 6, 8")
+            if self.group_size not in (32, 64, 128):
+                raise Qwen35Error(f"--q-group-size: {self.group_size} is not one of 32, 64, 128")
+
+    def settings(self, bits: Optional[int] = None) -> dict:
+        """to_quantized() arguments for the default rule, or for at least ``bits``."""
+        if self.mode in FLOAT_MODES:
+            mode = self.mode if bits is None or bits <= FLOAT_MODES[self.mode][0] else "mxfp8"
+            b, gs = FLOAT_MODES[mode]
+            return {"group_size": gs, "bits": b, "mode": mode}
+        b = self.bits if bits is None else max(bits, self.bits)
+        return {"group_size": self.group_size, "bits": b, "mode": "affine"}
+
+
+def layer_quantization(path: str, module: nn.Module, spec: QuantSpec) -> Union[bool, dict]:
+    """The policy decision for one layer: False, or its to_quantized() settings."""
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return False
+    for pattern, rule in QUANT_POLICY:
+        if re.search(pattern, path):
+            break
+    if rule == "keep" or (rule == "vision" and not spec.vision):
+        return False
+    settings = spec.settings(rule if isinstance(rule, int) else None)
+    if module.weight.shape[-1] % settings["group_size"]:
+        return False  # cannot be grouped; stays at --dtype
+    return settings
+
+
+def quantize(model: Model, spec: QuantSpec) -> dict:
+    """Quantize ``model`` in place; returns the ``quantization`` config entry."""
+    decisions = {}
+
+    def predicate(path, module):
+        decisions[path] = layer_quantization(path, module, spec)
+        return decisions[path]
+
+    nn.quantize(model, class_predicate=predicate)
+    default = spec.settings()
+    entry = dict(default)
+    for path, d in decisions.items():
+        if d and d != default:
+            entry[path] = d
+    return entry
+
+
+def _side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _write_shards(weights: dict[str, mx.array], out: Path, progress) -> int:
+    """Evaluate tensor by tensor into ≤ 4 GiB shards; returns total bytes."""
+    shards: list[dict[str, mx.array]] = [{}]
+    size, total = 0, 0
+    for i, (name, w) in enumerate(weights.items(), 1):
+        mx.eval(w)
+        if size and size + w.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+        total += w.nbytes
+        progress(i, len(weights), name)
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        mx.save_safetensors(str(out / fname), shard, metadata={"format": "mlx"})
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+@dataclass
+class Summary:
+    path: Path
+    total_bytes: int
+    parts: dict[str, tuple[int, int]]  # part → (bytes, parameters)
+
+    def bits_per_weight(self, part: str) -> float:
+        b, n = self.parts[part]
+        return 8 * b / max(n, 1)
+
+
+def _summarize(path: Path, weights: dict[str, mx.array], params: dict[str, int], total: int) -> Summary:
+    parts: dict[str, list[int]] = {}
+    for name, w in weights.items():
+        part = name.split(".", 1)[0]
+        parts.setdefault(part, [0, 0])[0] += w.nbytes
+    for name, n in params.items():
+        parts.setdefault(name.split(".", 1)[0], [0, 0])[1] += n
+    return Summary(path, total, {k: (v[0], v[1]) for k, v in parts.items()})
+
+
+def convert(
+    hf_path: Union[str, Path],
+    mlx_path: Union[str, Path],
+    *,
+    dtype: str = "bfloat16",
+    quantize_spec: Optional[QuantSpec] = None,
+    force: bool = False,
+    progress=None,
+) -> Summary:
+    """Convert a Hugging Face Qwen3.5 checkpoint (folder or hub id) into ``mlx_path``.
+
+    ``quantize_spec`` None keeps every weight at ``dtype``. ``progress`` is
+    called with (done, total, tensor name) as tensors are written.
+    """
+    if dtype not in DTYPES:
+        raise Qwen35Error(f"--dtype: {dtype!r} is not one of {tuple(DTYPES)}")
+    out = Path(mlx_path).expanduser().absolute()
+    if out.exists() and not force:
+        raise Qwen35Error(f"{out}: already exists; pass --force to replace it")
+
+    src = resolve(hf_path)
+    config = load_config(src)
+    ckpt = read_checkpoint(src)
+    fmt = detect_format(config.raw, ckpt.tensors)
+    if fmt != "hf":
+        raise Qwen35Error(
+            f"{src}: already an MLX conversion ({'ours' if fmt == 'ours' else 'mlx-lm/mlx-vlm'}); "
+            "convert from the original Hugging Face checkpoint"
+        )
+    ckpt = to_ours(ckpt, fmt)
+    model = Model(
+        config,
+        vision=any(k.startswith("visual.") for k in ckpt.tensors),
+        mtp=any(k.startswith("mtp.") for k in ckpt.tensors),
+    )
+    load_into(model, drop_unused(ckpt, model), src)
+    params = {k: w.size for k, w in tree_flatten(model.parameters())}
+    cast(model, DTYPES[dtype])
+    raw = {k: v for k, v in config.raw.items() if k not in ("quantization", "quantization_config")}
+    raw[FORMAT_KEY] = {"format_version": FORMAT_VERSION, "dtype": dtype}
+    if quantize_spec is not None:
+        q = quantize(model, quantize_spec)
+        raw["quantization"] = q
+        raw["quantization_config"] = q
+    weights = dict(tree_flatten(model.parameters()))
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    except OSError as e:
+        raise Qwen35Error(f"{out.parent}: cannot write here ({e.strerror})") from None
+    try:
+        total = _write_shards(weights, tmp, progress or (lambda *_: None))
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        _side_files(src, tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _summarize(out, weights, params, total)
+

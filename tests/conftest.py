@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random checkpoints, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import TEXT, TEXT_GQA, VISION, build_hf_checkpoint, write_tiny_tokenizer  # noqa: E402
+
+
+def rel_err(ours, ref) -> float:
+    """‖ours − ref‖ / ‖ref‖ over all elements (Frobenius)."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+class HFCheckpoint:
+    def __init__(self, path: Path, model):
+        self.path = path
+        self.model = model  # transformers, float32, same weights as written
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def _build(factory, name, **kw) -> HFCheckpoint:
+    path = factory.mktemp(name)
+    model = build_hf_checkpoint(path, **kw)
+    write_tiny_tokenizer(path)
+    return HFCheckpoint(path, model)
+
+
+@pytest.fixture(scope="session")
+def hf_text(tmp_path_factory) -> HFCheckpoint:
+    """Text-only (flat qwen3_5_text), Hv = Hk, float32."""
+    return _build(tmp_path_factory, "hf_text", text=TEXT, vision=None)
+
+
+@pytest.fixture(scope="session")
+def hf_gqa(tmp_path_factory) -> HFCheckpoint:
+    """Text-only, Hv = 2·Hk and Dk != Dv, float32."""
+    return _build(tmp_path_factory, "hf_gqa", text=TEXT_GQA, vision=None)
+
+
+@pytest.fixture(scope="session")
+def hf_bf16(tmp_path_factory) -> HFCheckpoint:
+    """Multimodal layout with vision and MTP, stored in bfloat16 like the real checkpoints."""
+    return _build(tmp_path_factory, "hf_bf16", text=TEXT, vision=VISION, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def hf_vl(tmp_path_factory) -> HFCheckpoint:
+    """Multimodal layout (text + vision + MTP), float32."""
+    return _build(tmp_path_factory, "hf_vl", text=TEXT_GQA, vision=VISION)
+
+
+@pytest.fixture(scope="session")
+def hf_calm(tmp_path_factory) -> HFCheckpoint:
+    """Text-only with transformers' own initialisation, for quantization error."""
+    return _build(tmp_path_factory, "hf_calm", text=TEXT, vision=None, hf_init=True)
+
+
+@pytest.fixture
+def token_ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, TEXT["vocab_size"], (2, 29))
