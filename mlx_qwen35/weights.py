@@ -44,12 +44,12 @@ def keeps_float32(name: str) -> bool:
 
 
 def cast(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast floating parameters to ``dtype``, except those that stay float32."""
+    """Cast floating parameters to ``dtype``; those of :func:`keeps_float32` to float32."""
 
     def f(name, w):
-        if not mx.issubdtype(w.dtype, mx.floating) or (keeps_float32(name) and dtype != mx.float32):
+        if not mx.issubdtype(w.dtype, mx.floating):
             return w
-        return w.astype(dtype)
+        return w.astype(mx.float32 if keeps_float32(name) else dtype)
 
     model.update(tree_map_with_path(f, model.parameters()))
 

@@ -141,13 +141,19 @@ def build_hf_checkpoint(
     if not hf_init:
         randomize(model, seed)
     tdtype = getattr(torch, dtype)
+
+    def stored(name, t):
+        # As in the real checkpoint, A_log and the gated norm stay float32.
+        return t if name.endswith(("A_log", "linear_attn.norm.weight")) else t.to(tdtype)
+
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(tdtype).to(torch.float32))
+        for name, p in model.named_parameters():
+            p.copy_(stored(name, p).to(torch.float32))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.to(tdtype).save_pretrained(path)
-    model.to(torch.float32)
+    # A copy of the weights is cast, not the model: casting the model would also
+    # round its float32 buffers (the rotary inv_freq) and skew the reference.
+    model.save_pretrained(path, state_dict={k: stored(k, v) for k, v in model.state_dict().items()})
     if with_mtp and text.get("mtp_num_hidden_layers", 0):
         mtp = {k: torch.from_numpy(v).to(tdtype).contiguous() for k, v in mtp_tensors(text, seed + 1).items()}
         save_file(mtp, str(path / "mtp.safetensors"), metadata={"format": "pt"})
