@@ -10,9 +10,11 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..config import ModelConfig, TextConfig
+from ..errors import Qwen35Error
 from .text import DecoderLayer, RMSNorm, TextModel
 
 
@@ -60,10 +62,58 @@ class Model(nn.Module):
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
         positions: Optional[mx.array] = None,
+        rope_delta: int = 0,
     ) -> mx.array:
         """Logits [B, T, vocab] for token ids [B, T] (or embeddings [B, T, hidden]).
 
-        ``positions`` [3, B, T] are explicit mRoPE positions (prompts with images).
+        ``positions`` [3, B, T] are explicit mRoPE positions (prompts with images);
+        without them token i sits at ``cache offset + rope_delta + i`` on every
+        axis, which is how decoding continues after an image.
         """
         lm = self.language_model
-        return lm.logits(lm.hidden_states(inputs, cache, input_embeddings, positions))
+        return lm.logits(lm.hidden_states(inputs, cache, input_embeddings, positions, rope_delta))
+
+    def encode_vision(self, pixel_values, grid_thw) -> mx.array:
+        """Vision features [Σ t·h·w / 4, hidden] for processor patches and their grids."""
+        if not hasattr(self, "visual"):
+            raise Qwen35Error(
+                "images: this model has no vision tower (a text-only checkpoint, or loaded with vision=False)"
+            )
+        return self.visual(mx.array(pixel_values), grid_thw)
+
+    def embed_multimodal(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+    ) -> mx.array:
+        """Input embeddings [B, T, hidden] with vision features in the pad tokens' places.
+
+        ``input_ids`` [B, T] must already hold one ``<|image_pad|>`` /
+        ``<|video_pad|>`` per merged token (``processor.expand_vision_tokens``);
+        features fill them in order, images and videos separately.
+        """
+        ids = np.asarray(input_ids)
+        ids = ids[None] if ids.ndim == 1 else ids
+        h = self.language_model.embed_tokens(mx.array(ids))
+        B, T, D = h.shape
+        flat = h.reshape(B * T, D)
+        for kind, token, pixels, grid in (
+            ("image", self.config.image_token_id, pixel_values, image_grid_thw),
+            ("video", self.config.video_token_id, pixel_values_videos, video_grid_thw),
+        ):
+            where = np.flatnonzero(ids.reshape(-1) == token)
+            if pixels is None:
+                if where.size:
+                    raise Qwen35Error(f"input_ids: {where.size} <|{kind}_pad|> tokens but no {kind} was given")
+                continue
+            features = self.encode_vision(pixels, grid)
+            if features.shape[0] != where.size:
+                raise Qwen35Error(
+                    f"input_ids: {where.size} <|{kind}_pad|> tokens, but the {kind}s give "
+                    f"{features.shape[0]} features (one pad per merged token is expected)"
+                )
+            flat[mx.array(where)] = features.astype(flat.dtype)
+        return flat.reshape(B, T, D)

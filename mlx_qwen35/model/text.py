@@ -127,7 +127,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.rope = MRoPE(cfg)
 
-    def __call__(self, x: mx.array, cache=None, mask=None, positions=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, mask=None, positions=None, rope_delta: int = 0) -> mx.array:
         B, T, _ = x.shape
         qg = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
         q, gate = mx.split(qg, 2, axis=-1)
@@ -135,7 +135,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
 
-        offset = cache.offset if cache is not None else 0
+        # After an image, text positions run rope_delta ahead of the cache index.
+        offset = (cache.offset if cache is not None else 0) + rope_delta
         q = self.rope(q, offset, positions)
         k = self.rope(k, offset, positions)
         if cache is not None:
@@ -157,9 +158,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def __call__(self, x, cache=None, mask=None, positions=None):
-        mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), cache, mask, positions)
+    def __call__(self, x, cache=None, mask=None, positions=None, rope_delta: int = 0):
+        n = self.input_layernorm(x)
+        if self.is_linear:
+            h = x + self.linear_attn(n, cache, mask)
+        else:
+            h = x + self.self_attn(n, cache, mask, positions, rope_delta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -179,6 +183,7 @@ class TextModel(nn.Module):
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
         positions: Optional[mx.array] = None,
+        rope_delta: int = 0,
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
@@ -186,7 +191,7 @@ class TextModel(nn.Module):
         attn_cache = next((c for c, l in zip(cache, self.layers) if not l.is_linear), None)
         attn_mask = create_attention_mask(h, attn_cache)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, c, None if layer.is_linear else attn_mask, positions)
+            h = layer(h, c, None if layer.is_linear else attn_mask, positions, rope_delta)
         return self.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:
