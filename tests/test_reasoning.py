@@ -14,13 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.register_assert_rewrite("tokenizer_fixture")
-from tokenizer_fixture import requires_reference  # noqa: E402
+from tokenizer_fixture import requires_reference
 
-from mlx_qwen35.reasoning import ReasoningSplitter, split_reasoning, thinking_opened  # noqa: E402
-from mlx_qwen35.tokenizer import render_prompt, render_text  # noqa: E402
-
-pytest_plugins = ["tokenizer_fixture"]
+from mlx_qwen35.reasoning import ReasoningSplitter, split_reasoning, thinking_opened
+from mlx_qwen35.tokenizer import render_prompt, render_text
 
 DELIMITER = re.compile(r"(<think>\n?|\n?</think>\n{0,2})")
 TAGS = ("<think>", "</think>")

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytest.register_assert_rewrite("tokenizer_fixture")
-from tokenizer_fixture import (  # noqa: E402
+from tokenizer_fixture import (
     REFERENCE,
     added_tokens,
     pretokenize_regex,
@@ -26,8 +25,6 @@ from tokenizer_fixture import (  # noqa: E402
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.tokenizer import load_tokenizer, render_prompt, render_text
-
-pytest_plugins = ["tokenizer_fixture"]
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 12:30, isn't it? We'LL see; they've WON!",

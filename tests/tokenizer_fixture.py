@@ -14,9 +14,9 @@ token's rank. Tokens that never get down to two pieces (a character that is not
 itself a token, e.g. ``俱乐部``) can never be produced by BPE and get no merge.
 This yields 247,587 merges, the count of the official file.
 
-Use :func:`write_tokenizer` to give a test checkpoint the real tokenizer, and
-``pytest_plugins = ["tokenizer_fixture"]`` in a test module for the
-session-wide :func:`qwen35_tokenizer_dir` / :func:`qwen35_tokenizer` fixtures.
+Use :func:`write_tokenizer` to give a test checkpoint the real tokenizer. The
+session-wide :func:`qwen35_tokenizer_dir` / :func:`qwen35_tokenizer` fixtures
+are registered for all tests by ``pytest_plugins`` in conftest.py.
 """
 
 from __future__ import annotations
@@ -237,10 +237,6 @@ def write_tokenizer_folder(folder: Path, *, chat_template: bool = True, max_rank
     write_tokenizer(folder, chat_template=chat_template, max_rank=max_rank)
     (Path(folder) / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}), encoding="utf-8")
     return Path(folder)
-
-
-# Test modules share these through ``pytest_plugins = ["tokenizer_fixture"]``, so the
-# session scope really holds once per session rather than once per importing module.
 
 
 @pytest.fixture(scope="session")
