@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import TEXT, TEXT_GQA, VISION, build_hf_checkpoint, write_tiny_tokenizer  # noqa: E402
 
+pytest_plugins = ["tokenizer_fixture"]
+
 
 def rel_err(ours, ref) -> float:
     """‖ours − ref‖ / ‖ref‖ over all elements (Frobenius)."""
@@ -72,3 +74,24 @@ def hf_calm(tmp_path_factory) -> HFCheckpoint:
 @pytest.fixture
 def token_ids() -> np.ndarray:
     return np.random.default_rng(0).integers(0, TEXT["vocab_size"], (2, 29))
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, qwen35_tokenizer_dir) -> Path:
+    """A tiny random model with the real vocabulary, tokenizer and chat template."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("chat_model")
+    build_hf_checkpoint(path, text=dict(TEXT, vocab_size=248320), vision=VISION, with_mtp=False)
+    for f in qwen35_tokenizer_dir.iterdir():
+        if f.name != "config.json":
+            shutil.copyfile(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_model_dir):
+    """(model, tokenizer) of :func:`chat_model_dir`, float32."""
+    from mlx_qwen35.loading import load
+
+    return load(chat_model_dir)

@@ -1,0 +1,206 @@
+"""Generation on a tiny random model with the real tokenizer and template."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.generate import (
+    CLOSING,
+    PRESETS,
+    WORD_GRACE,
+    Sampling,
+    ThinkingControl,
+    continues_word,
+    generate,
+    looping,
+    make_sampler,
+    run,
+    stream_generate,
+)
+from mlx_qwen35.tokenizer import render_prompt
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def argmax_chain(model, ids: list[int], n: int, stop=(248046, 248044)) -> list[int]:
+    """Greedy continuation by full forwards without a cache: the reference."""
+    out = []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array(ids + out)[None])[0, -1]).item())
+        out.append(t)
+        if t in stop:
+            break
+    return out
+
+
+def test_greedy_equals_argmax_chain_of_full_forwards(chat_model):
+    model, tok = chat_model
+    ids = render_prompt(tok, [{"role": "user", "content": "Tell me about the sea."}])
+    gen = run(model, tok, ids, model.make_cache(), reasoning=False, sampling=GREEDY, max_tokens=12)
+    pieces = list(gen)
+    assert gen.result.tokens == argmax_chain(model, ids, 12)
+    assert "".join(p.text for p in pieces) == gen.result.text
+    assert gen.result.prompt_tokens == len(ids) == gen.result.prefilled_tokens
+    assert gen.result.generation_tokens == len(gen.result.tokens)
+    assert gen.result.peak_memory_gb > 0 and gen.result.generation_tps > 0
+
+
+def test_prefill_in_chunks_equals_one_pass(chat_model):
+    model, tok = chat_model
+    ids = list(np.random.default_rng(3).integers(0, 240000, 150))
+    from mlx_qwen35.generate import prefill
+
+    one = prefill(model, ids, model.make_cache())
+    cache = model.make_cache()
+    chunked = prefill(model, ids, cache, step=32, stops=[7, 100])
+    assert cache[3].offset == 150
+    np.testing.assert_allclose(np.array(chunked), np.array(one), rtol=1e-5, atol=1e-5)
+
+
+def test_thinking_off_by_default(chat_model):
+    model, tok = chat_model
+    r = generate(model, tok, "Hi", max_tokens=6, sampling=GREEDY)
+    assert r.reasoning == "" and r.text
+    r = generate(model, tok, "Hi", think=True, max_tokens=6, sampling=GREEDY)
+    assert r.reasoning and r.text == ""  # the block opened by the template is still open
+
+
+@pytest.mark.parametrize("budget", [0, 5, 9])
+def test_budget_closes_thinking_at_n_tokens(chat_model, budget):
+    model, tok = chat_model
+    ids = render_prompt(tok, [{"role": "user", "content": "Think about cats."}], enable_thinking=True)
+    closing = tok.encode(CLOSING, add_special_tokens=False)
+    gen = run(
+        model, tok, ids, model.make_cache(), reasoning=True, sampling=GREEDY, max_tokens=budget + 40,
+        thinking_budget=budget,
+    )
+    list(gen)
+    tokens = gen.result.tokens
+    n = next(i for i in range(len(tokens)) if tokens[i : i + len(closing)] == closing)
+    # The model's own tokens up to the cut, then the closing sentence, then the answer.
+    assert tokens[:n] == argmax_chain(model, ids, n)
+    # Exactly `budget` reasoning tokens, plus only those that finish a word begun before the cut.
+    assert budget <= n <= budget + WORD_GRACE
+    texts = [tok.decode([t]) for t in tokens[: n + 1]]
+    for i in range(budget, n):
+        assert continues_word(texts[i - 1], texts[i])
+    replaced = argmax_chain(model, ids, n + 1)[n]
+    if n < budget + WORD_GRACE:
+        assert not continues_word(texts[n - 1] if n else "", tok.decode([replaced]))
+    assert gen.result.reasoning.endswith("I have thought about this enough; time to give the answer.")
+    assert "</think>" not in gen.result.reasoning + gen.result.text
+    assert len(tokens) > n + len(closing)  # the answer came
+    assert gen.result.text
+
+
+def test_loop_guard_closes_repeating_reasoning():
+    class Tok:
+        def decode(self, ids):
+            return {1: " a", 2: " b", 3: " c"}.get(ids[0], " x")
+
+        def encode(self, text, add_special_tokens=False):
+            return [7, 8, 9]
+
+    c = ThinkingControl(Tok(), reasoning=True, budget=None)
+    pattern = [1, 2, 3, 2] * 40
+    results = [c.observe(t) for t in pattern]
+    first = next(i for i, r in enumerate(results) if r is not None)
+    assert results[first] == [7, 8, 9] and c.closing_reason == "loop"
+    assert 64 <= first <= 72  # detected once 64 tokens repeat, checked every 8
+    assert not c.reasoning
+
+
+def test_looping_detector():
+    rng = np.random.default_rng(0)
+    assert not looping(list(rng.integers(0, 1000, 500)))
+    assert looping([5] * 64)
+    assert not looping([5] * 63)
+    span = list(rng.integers(0, 1000, 100))
+    assert looping(list(rng.integers(0, 1000, 50)) + span * 3)
+    assert not looping(span * 2)  # two copies are not yet a loop
+
+
+def test_stop_strings(chat_model):
+    model, tok = chat_model
+    full = generate(model, tok, "Hello", max_tokens=16, sampling=GREEDY)
+    assert len(full.text) > 8
+    stop = full.text[5:8]
+    cut = generate(model, tok, "Hello", max_tokens=16, sampling=GREEDY, stop=[stop, "never-seen"])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_streamed_pieces_are_marked(chat_model):
+    model, tok = chat_model
+    gen = stream_generate(model, tok, "Hi", think=True, max_tokens=30, thinking_budget=3, sampling=GREEDY)
+    pieces = list(gen)
+    kinds = [p.kind for p in pieces]
+    assert kinds[0] == "reasoning" and kinds[-1] == "answer"
+    assert kinds == sorted(kinds, key=lambda k: k == "answer")  # reasoning first, then answer
+    assert "".join(p.text for p in pieces if p.kind == "reasoning") == gen.result.reasoning
+
+
+def test_close_early_is_interrupted(chat_model):
+    model, tok = chat_model
+    gen = stream_generate(model, tok, "Hi", max_tokens=50, sampling=GREEDY)
+    next(gen)
+    gen.close()
+    assert gen.result.finish_reason == "interrupted"
+
+
+def test_seeded_sampling_repeats(chat_model):
+    model, tok = chat_model
+    a = generate(model, tok, "Hi", max_tokens=10, sampling=PRESETS["thinking"], seed=7)
+    b = generate(model, tok, "Hi", max_tokens=10, sampling=PRESETS["thinking"], seed=7)
+    assert a.tokens == b.tokens
+
+
+def test_sampler_matches_its_definition():
+    """temperature → top-k → top-p/min-p over the renormalised top-k, checked by frequency."""
+    logits = np.log(np.array([0.30, 0.25, 0.15, 0.12, 0.08, 0.06, 0.04], dtype=np.float32))
+    s = Sampling(temperature=0.8, top_k=5, top_p=0.7, min_p=0.0)
+    # expected: scale, keep top 5, renormalise, keep the smallest prefix reaching 0.7
+    x = logits / 0.8
+    top = np.sort(x)[::-1][:5]
+    p = np.exp(top - top.max())
+    p /= p.sum()
+    keep = (np.cumsum(p) - p) < 0.7
+    expected = np.where(keep, p, 0)
+    expected /= expected.sum()
+    mx.random.seed(0)
+    sampler = make_sampler(s)
+    lp = mx.array(logits)[None]
+    draws = np.array([sampler(lp).item() for _ in range(3000)])
+    freq = np.bincount(draws, minlength=7)[:5] / len(draws)
+    assert set(np.unique(draws)) == set(np.flatnonzero(expected))
+    np.testing.assert_allclose(freq, expected, atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.1), "temperature: must be ≥ 0"),
+        (dict(top_p=0.0), "top_p: must be in (0, 1]"),
+        (dict(top_p=1.5), "top_p: must be in (0, 1]"),
+        (dict(top_k=-1), "top_k: must be ≥ 0"),
+        (dict(min_p=1.0), "min_p: must be in [0, 1)"),
+        (dict(repetition_penalty=0), "repetition_penalty: must be > 0"),
+    ],
+)
+def test_invalid_sampling(kwargs, message):
+    with pytest.raises(Qwen35Error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        Sampling(**kwargs)
+
+
+def test_bad_prompts(chat_model):
+    model, tok = chat_model
+    with pytest.raises(Qwen35Error, match="prompt: empty"):
+        generate(model, tok, "   ")
+    with pytest.raises(Qwen35Error, match="max_tokens: must be ≥ 1"):
+        generate(model, tok, "Hi", max_tokens=0)
+    too_long = "word " * 5000  # the tiny model's context is 4096
+    with pytest.raises(Qwen35Error, match="longer than the model's context of 4096"):
+        generate(model, tok, too_long)
