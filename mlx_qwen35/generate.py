@@ -420,6 +420,11 @@ class Generation:
     def result(self) -> Optional[GenerationResult]:
         return self._holder.get("result")
 
+    @property
+    def prompt_logits(self) -> Optional[mx.array]:
+        """The next-token logits [vocab] at the end of the prompt, once prefilled."""
+        return self._holder.get("prompt_logits")
+
 
 def run(
     model,
@@ -479,6 +484,7 @@ def _run(holder, model, tokenizer, prompt, cache, reasoning, sampling, max_token
     try:
         logits = prefill(model, prompt[start:], cache, rope_delta=rope_delta, **prefill_kwargs)
         mx.eval(logits)
+        holder["prompt_logits"] = logits
         t1 = time.perf_counter()
         for token in decode_tokens(
             model, logits, cache, sampler=sampler, processors=processors, control=control,

@@ -62,7 +62,7 @@ class Checkpoint:
     files: dict[str, str]
 
 
-def _check_safetensors(path: Path) -> list[str]:
+def check_safetensors(path: Path) -> list[str]:
     """Validate the header and size of a safetensors file; return its tensor names.
 
     A truncated or corrupt file gets a clear error here instead of a crash
@@ -116,7 +116,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         raise Qwen35Error(f"{folder}: no *.safetensors files (only safetensors checkpoints are loaded)")
     tensors, where = {}, {}
     for f in files:
-        _check_safetensors(f)
+        check_safetensors(f)
         try:
             loaded = mx.load(str(f))
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context

@@ -11,10 +11,10 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..config import ModelConfig, TextConfig
 from ..errors import Qwen35Error
+from .cache import make_cache
 from .text import DecoderLayer, RMSNorm, TextModel
 
 
@@ -52,9 +52,12 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.language_model.layers
 
-    def make_cache(self) -> list[Any]:
-        """One cache per layer: conv + recurrent state for Gated DeltaNet, KV for attention."""
-        return [ArraysCache(size=2) if l.is_linear else KVCache() for l in self.layers]
+    def make_cache(self, kv_bits: Optional[int] = None) -> list[Any]:
+        """One cache per layer: conv + recurrent state for Gated DeltaNet, KV for attention.
+
+        ``kv_bits`` (4 or 8) quantizes the attention KV.
+        """
+        return make_cache(self.layers, kv_bits)
 
     def __call__(
         self,

@@ -1,0 +1,292 @@
+"""Multi-turn conversations that pay only for their new tokens, and saved sessions.
+
+Each turn re-renders the whole conversation with the checkpoint's template
+(which drops past reasoning), so the new prompt is usually not a
+continuation of what the cache holds. The cache is therefore snapshotted at
+every message boundary (and every ``SNAPSHOT_EVERY`` tokens of long prompts);
+a turn restores the latest snapshot inside the prefix it shares with the
+previous prompt and prefills only from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache
+
+from .errors import Qwen35Error
+from .generate import Generation, GenerationResult, Sampling, default_sampling, run
+from .model import cache as hybrid
+from .reasoning import thinking_opened
+from .tokenizer import render_text
+from .weights import check_safetensors
+
+SNAPSHOT_EVERY = 4096
+MAX_SNAPSHOTS = 16
+SESSION_FORMAT = "mlx_qwen35.session"
+SESSION_VERSION = 1
+IM_START = 248045
+
+
+def model_identity(model) -> str:
+    """A fingerprint of the model's architecture and weights (not of its runtime precision)."""
+    h = hashlib.sha256(repr(model.config.text).encode())
+    lm = model.language_model
+    for w in (lm.embed_tokens.weight[:8], lm.norm.weight, lm.layers[-1].post_attention_layernorm.weight):
+        h.update(_bytes(w if w.dtype == mx.uint32 else w.astype(mx.float32)))
+    return h.hexdigest()[:32]
+
+
+class Chat:
+    """A conversation with the model that keeps its cache across turns.
+
+    ``send`` streams a reply (iterate it for pieces); ``ask`` returns the
+    finished :class:`GenerationResult`. Settings (``think``,
+    ``thinking_budget``, ``sampling``, ``system``, ``max_tokens``) may be
+    changed between turns. ``history`` lists each turn's result, whose
+    ``prefilled_tokens`` says how many prompt tokens that turn actually ran.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: Optional[str] = None,
+        think: bool = False,
+        thinking_budget: Optional[int] = None,
+        sampling: Optional[Sampling] = None,
+        max_tokens: int = 4096,
+        kv_bits: Optional[int] = None,
+        seed: Optional[int] = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.think = think
+        self.thinking_budget = thinking_budget
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+        self.kv_bits = kv_bits
+        self.seed = seed
+        self.messages: list[dict] = []
+        self.history: list[GenerationResult] = []
+        self.reset()
+
+    # -- conversation ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation (settings stay)."""
+        self.messages = []
+        self.history = []
+        self.cache = self.model.make_cache(self.kv_bits)
+        self.tokens: list[int] = []  # the prompt the snapshots belong to
+        self.snapshots: list[tuple[int, hybrid.Snapshot]] = [(0, hybrid.snapshot(self.cache))]
+
+    def send(self, content: str, *, stop: Sequence[str] = ()) -> Generation:
+        """Stream the reply to a user message; the turn joins the conversation when it ends."""
+        if not isinstance(content, str) or not content.strip():
+            raise Qwen35Error("message: empty")
+        user = {"role": "user", "content": content}
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages + [user]
+        text = render_text(self.tokenizer, messages, enable_thinking=self.think)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        start = self._restore(ids)
+        stops = [i for i, t in enumerate(ids) if t == IM_START and i > start]
+        stops += range(start + SNAPSHOT_EVERY, len(ids), SNAPSHOT_EVERY)
+        inner = run(
+            self.model,
+            self.tokenizer,
+            ids,
+            self.cache,
+            reasoning=thinking_opened(text),
+            sampling=self.sampling or default_sampling(self.think),
+            max_tokens=self.max_tokens,
+            thinking_budget=self.thinking_budget,
+            stop=stop,
+            seed=self.seed,
+            start=start,
+            prefill_kwargs={"stops": [s - start for s in stops], "on_stop": lambda n: self._snap(start + n)},
+        )
+        self.tokens = ids
+        return Generation(self._record(inner, user), inner._holder)
+
+    def ask(self, content: str, **kwargs) -> GenerationResult:
+        """Send a message and return the whole reply."""
+        gen = self.send(content, **kwargs)
+        for _ in gen:
+            pass
+        return gen.result
+
+    def _record(self, inner: Generation, user: dict):
+        try:
+            yield from inner
+        finally:
+            r = inner.result
+            if r is not None:
+                reply = {"role": "assistant", "content": r.text}
+                if r.reasoning:
+                    reply["reasoning_content"] = r.reasoning
+                self.messages += [user, reply]
+                self.history.append(r)
+
+    def _snap(self, n: int) -> None:
+        self.snapshots.append((n, hybrid.snapshot(self.cache)))
+        if len(self.snapshots) > MAX_SNAPSHOTS:
+            del self.snapshots[1]  # the empty-cache snapshot at 0 always stays
+
+    def _restore(self, ids: list[int]) -> int:
+        """Rewind the cache to the latest snapshot inside the shared prefix; return its offset."""
+        common = 0
+        for a, b in zip(ids, self.tokens):
+            if a != b:
+                break
+            common += 1
+        # At least one prompt token must run to give the next token's logits.
+        limit = min(common, len(ids) - 1)
+        self.snapshots = [(n, s) for n, s in self.snapshots if n <= common]
+        n, snap = max((x for x in self.snapshots if x[0] <= limit), key=lambda x: x[0])
+        hybrid.restore(self.cache, snap, n)
+        return n
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the conversation, settings and full cache to one safetensors file, atomically."""
+        path = Path(path)
+        arrays = _cache_arrays("cache", self.cache)
+        for j, (_, snap) in enumerate(self.snapshots):
+            arrays.update(
+                {f"snap.{j}.{i}.{k}": s[k] for i, s in enumerate(snap) if s and s[0] is not None for k in (0, 1)}
+            )
+        meta = {
+            "format": SESSION_FORMAT,
+            "version": SESSION_VERSION,
+            "model": model_identity(self.model),
+            "messages": self.messages,
+            "settings": {
+                "system": self.system,
+                "think": self.think,
+                "thinking_budget": self.thinking_budget,
+                "sampling": None if self.sampling is None else vars(self.sampling),
+                "max_tokens": self.max_tokens,
+                "kv_bits": self.kv_bits,
+                "seed": self.seed,
+            },
+            "tokens": self.tokens,
+            "snapshots": [n for n, _ in self.snapshots],
+            "kv_offsets": [c.offset if not isinstance(c, ArraysCache) else None for c in self.cache],
+        }
+        mx.eval(list(arrays.values()))
+        meta["digest"] = _digest(meta, arrays)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+            os.close(fd)
+        except OSError as e:
+            raise Qwen35Error(f"{path}: cannot save here ({e.strerror})") from None
+        try:
+            # the name ends in .safetensors, or MLX would append it
+            mx.save_safetensors(tmp, arrays, metadata={"session": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], model, tokenizer) -> "Chat":
+        """Resume a saved session with ``model``, exactly where it stopped."""
+        path = Path(path)
+        meta, arrays = _read_session(path)
+        if meta.get("format") != SESSION_FORMAT:
+            raise Qwen35Error(f"{path}: not an mlx_qwen35 session file")
+        if meta.get("version") != SESSION_VERSION:
+            raise Qwen35Error(
+                f"{path}: session format version {meta.get('version')}; this mlx_qwen35 reads {SESSION_VERSION}"
+            )
+        if meta["model"] != model_identity(model):
+            raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
+        digest = meta.pop("digest", None)
+        if digest != _digest(meta, arrays):
+            raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
+        s = meta["settings"]
+        chat = cls(
+            model,
+            tokenizer,
+            system=s["system"],
+            think=s["think"],
+            thinking_budget=s["thinking_budget"],
+            sampling=None if s["sampling"] is None else Sampling(**s["sampling"]),
+            max_tokens=s["max_tokens"],
+            kv_bits=s["kv_bits"],
+            seed=s["seed"],
+        )
+        chat.messages = meta["messages"]
+        chat.tokens = meta["tokens"]
+        _set_cache(chat.cache, arrays, "cache", meta["kv_offsets"])
+        chat.snapshots = []
+        for j, n in enumerate(meta["snapshots"]):
+            snap = [
+                (arrays.get(f"snap.{j}.{i}.0"), arrays.get(f"snap.{j}.{i}.1")) if isinstance(c, ArraysCache) else None
+                for i, c in enumerate(chat.cache)
+            ]
+            chat.snapshots.append((n, snap))
+        return chat
+
+
+def _cache_arrays(prefix: str, cache: list[Any]) -> dict[str, mx.array]:
+    out = {}
+    for i, c in enumerate(cache):
+        if isinstance(c, ArraysCache):
+            if c[0] is not None:
+                out[f"{prefix}.{i}.0"], out[f"{prefix}.{i}.1"] = c[0], c[1]
+        elif c.offset:
+            keys, values = c.keys_and_values() if hasattr(c, "keys_and_values") else c.state[:2]
+            for name, part in (("k", keys), ("v", values)):
+                parts = part if isinstance(part, tuple) else (part,)
+                for j, p in enumerate(parts):
+                    out[f"{prefix}.{i}.{name}{j}"] = p
+    return out
+
+
+def _set_cache(cache: list[Any], arrays: dict, prefix: str, kv_offsets: list) -> None:
+    for i, c in enumerate(cache):
+        if isinstance(c, ArraysCache):
+            if f"{prefix}.{i}.0" in arrays:
+                c[0], c[1] = arrays[f"{prefix}.{i}.0"], arrays[f"{prefix}.{i}.1"]
+        elif kv_offsets[i]:
+            parts = {name: [arrays[k] for k in sorted(a for a in arrays if a.startswith(f"{prefix}.{i}.{name}"))]
+                     for name in ("k", "v")}
+            keys, values = (tuple(parts[n]) if len(parts[n]) > 1 else parts[n][0] for n in ("k", "v"))
+            c.keys, c.values, c.offset = keys, values, kv_offsets[i]
+
+
+def _digest(meta: dict, arrays: dict[str, mx.array]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(_bytes(arrays[name]))
+    return h.hexdigest()
+
+
+def _bytes(a: mx.array) -> memoryview:
+    # The buffer protocol has no bfloat16; hash its bits instead.
+    return memoryview(mx.contiguous(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
+
+
+def _read_session(path: Path) -> tuple[dict, dict[str, mx.array]]:
+    if not path.is_file():
+        raise Qwen35Error(f"{path}: no such session file")
+    check_safetensors(path)
+    try:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+        meta = json.loads(metadata["session"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise Qwen35Error(f"{path}: not an mlx_qwen35 session file ({e})") from None
+    return meta, arrays
