@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
 from .errors import Qwen35Error
+from .model import cache as hybrid
 from .reasoning import ReasoningSplitter, thinking_opened
 from .tokenizer import STOP_TOKEN_IDS, render_text
 
@@ -29,6 +30,7 @@ CLOSING = "\n\nI have thought about this enough; time to give the answer.\n</thi
 # How many tokens a word cut by the budget may take to finish.
 WORD_GRACE = 8
 PREFILL_STEP = 2048
+ATTENTION_BUDGET = 256 << 20  # bytes of attention scores one prefill chunk may hold
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,26 @@ class GenerationResult:
 # The engine: prefill a cache, then sample token by token.
 
 
+def chunk_ends(n: int, offset: int, heads: int, step: int = PREFILL_STEP, stops: Sequence[int] = ()) -> list[int]:
+    """Where prefill chunks of an ``n``-token prompt end, the cache already holding ``offset``.
+
+    Chunks hold at most ``step`` tokens, and fewer when the attention scores
+    (heads × chunk × context, float32) would exceed ``ATTENTION_BUDGET``: so
+    peak memory stays flat as the context grows. Every offset in ``stops``
+    ends a chunk.
+    """
+    ends, pos = [], 0
+    stops = sorted(s for s in stops if 0 < s < n)
+    while pos < n:
+        c = step
+        while c > 64 and heads * c * (offset + pos + c) * 4 > ATTENTION_BUDGET:
+            c //= 2
+        end = min([n, pos + c] + [s for s in stops if s > pos])
+        ends.append(end)
+        pos = end
+    return ends
+
+
 def prefill(
     model,
     tokens: Sequence[int],
@@ -145,19 +167,19 @@ def prefill(
 ) -> mx.array:
     """Run ``tokens`` through ``model`` into ``cache``; return the last position's logits [vocab].
 
-    Chunks of at most ``step`` tokens bound the activation memory; the cache
-    is evaluated after each. ``stops`` are offsets where a chunk must end (the
-    caller snapshots the cache there through ``on_stop(offset)``). Only the
-    last position goes through the output head.
+    The prompt runs in chunks (:func:`chunk_ends`), the cache evaluated after
+    each, so activations never scale with the prompt. ``stops`` are offsets
+    where a chunk must end; ``on_stop(offset)`` is called there (to snapshot
+    the cache). Only the last position goes through the output head.
     """
     n = len(tokens)
     if n == 0:
         raise Qwen35Error("prompt: empty (nothing to generate from)")
     ids = mx.array(np.asarray(tokens, dtype=np.int32))[None]
-    cuts = sorted({s for s in stops if 0 < s < n} | set(range(step, n, step)))
     lm = model.language_model
+    heads = model.config.text.num_attention_heads
     start = 0
-    for end in [*cuts, n]:
+    for end in chunk_ends(n, hybrid.offset(cache), heads, step, stops):
         h = lm.hidden_states(
             ids[:, start:end],
             cache,

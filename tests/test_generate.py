@@ -204,3 +204,20 @@ def test_bad_prompts(chat_model):
     too_long = "word " * 5000  # the tiny model's context is 4096
     with pytest.raises(Qwen35Error, match="longer than the model's context of 4096"):
         generate(model, tok, too_long)
+
+
+def test_prefill_chunks_bound_attention_memory():
+    from mlx_qwen35.generate import ATTENTION_BUDGET, chunk_ends
+
+    heads = 8  # Qwen3.5-2B
+    for offset, n in ((0, 100), (0, 5000), (16000, 20000), (120000, 3000)):
+        stops = [1, 777, n - 1]
+        ends = chunk_ends(n, offset, heads, 2048, stops)
+        assert ends[-1] == n and {s for s in stops if s < n} <= set(ends)
+        starts = [0] + ends[:-1]
+        assert all(e > s for s, e in zip(starts, ends))
+        for s, e in zip(starts, ends):
+            c = e - s
+            assert c <= 2048
+            assert c <= 64 or heads * c * (offset + e) * 4 <= ATTENTION_BUDGET
+    assert chunk_ends(4096, 0, heads) == [2048, 4096]  # short contexts keep full chunks
