@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
+from pathlib import Path
 from typing import Optional
 
 
@@ -57,25 +58,45 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def blas_hint() -> Optional[str]:
-    """A one-line hint when MLX runs float32 matmuls on a slow BLAS on Linux, else None."""
+def openblas_library() -> str:
+    """Where Debian and Ubuntu's ``libopenblas0-pthread`` puts its BLAS."""
+    return f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def blas_env() -> dict[str, str]:
+    """Environment variables that would put MLX's CPU matmuls on a fast BLAS here.
+
+    Empty when they already are, or off Linux. ``LD_PRELOAD`` when MLX runs on
+    its bundled reference BLAS; ``OPENBLAS_CORETYPE`` when OpenBLAS fell back
+    to its generic kernels on a CPU it did not recognise but that has AVX2.
+    """
     if not sys.platform.startswith("linux"):
-        return None
+        return {}
     path = sgemm_provider()
     fast_names = ("openblas_get_corename", "mkl_get_version", "bli_info_get_version_str")
     if path is None or not any(hasattr(ctypes.CDLL(path), name) for name in fast_names):
-        lib = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libblas.so.3"
-        return (
-            "MLX is using its bundled reference BLAS (float32 matmuls 10-40x slower): "
-            f"`sudo apt-get install libopenblas0-pthread`, then run with LD_PRELOAD={lib}"
-        )
-    core = openblas_core(path)
-    if core == "Prescott":  # OpenBLAS's generic fallback for CPUs it does not recognise
+        return {"LD_PRELOAD": openblas_library()}
+    if openblas_core(path) == "Prescott":  # OpenBLAS's generic fallback
         flags = _cpu_flags()
         target = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
         if target:
-            return (
-                "OpenBLAS did not recognise this CPU and runs generic kernels: "
-                f"set OPENBLAS_CORETYPE={target} for 3-5x faster float32 matmuls"
-            )
+            return {"OPENBLAS_CORETYPE": target}
+    return {}
+
+
+def blas_hint() -> Optional[str]:
+    """A one-line hint when MLX runs float32 matmuls on a slow BLAS on Linux, else None."""
+    env = blas_env()
+    if "LD_PRELOAD" in env:
+        lib = env["LD_PRELOAD"]
+        install = "" if Path(lib).exists() else "`sudo apt-get install libopenblas0-pthread`, then "
+        return (
+            "MLX is using its bundled reference BLAS (float32 matmuls 10-40x slower): "
+            f"{install}run with LD_PRELOAD={lib}"
+        )
+    if "OPENBLAS_CORETYPE" in env:
+        return (
+            "OpenBLAS did not recognise this CPU and runs generic kernels: "
+            f"set OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} for 3-10x faster float32 matmuls"
+        )
     return None

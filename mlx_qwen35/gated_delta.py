@@ -110,6 +110,8 @@ def reference(q, k, v, g, beta, state=None, mask=None):
 # backend allocates every temporary afresh, and segment-sized ones stay in
 # cache and off the page-fault path.
 SEGMENT = 256
+MAX_CHUNK = 16
+SINGLE_STEP_T = 3
 
 
 def _prepare(k, q, v, g, beta):
@@ -191,8 +193,9 @@ def chunked(q, k, v, g, beta, state=None, mask=None, chunk: Optional[int] = None
             N = min(seg, T + pad - t0) // C
             # [B, T, H, D] -> [N, B, H, C, D]: one chunk per leading index
             lay = lambda x: x[:, t0 : t0 + N * C].reshape(B, N, C, Hv, -1).transpose(1, 0, 3, 2, 4)
-            kc = mx.contiguous(lay(k))
-            lhs, rhs, gc = _prepare(kc, lay(q), lay(v), *(lay(x)[..., 0] for x in (g, beta)))
+            # k and q feed two products each: lay them out once.
+            kc, qc = mx.contiguous(lay(k)), mx.contiguous(lay(q))
+            lhs, rhs, gc = _prepare(kc, qc, lay(v), *(lay(x)[..., 0] for x in (g, beta)))
             for n in range(N):
                 x = mx.addmm(rhs[n], lhs[n], st)  # [diag(r) Δ; Y]
                 ys.append(x[..., C:, :].swapaxes(1, 2))
@@ -205,8 +208,15 @@ def chunked(q, k, v, g, beta, state=None, mask=None, chunk: Optional[int] = None
 
 
 def chunk_size(T: int) -> int:
-    """The chunk size :func:`chunked` uses for T steps (1: plain steps)."""
-    return 1 if T <= 2 else 16
+    """The chunk size :func:`chunked` uses for T steps (1: plain fused steps).
+
+    At most MAX_CHUNK, spread evenly over the chunks so that padding stays
+    below one step per chunk.
+    """
+    if T <= SINGLE_STEP_T:
+        return 1
+    n = -(-T // MAX_CHUNK)
+    return -(-T // n)
 
 
 # --------------------------------------------------------------------------- metal
@@ -274,16 +284,19 @@ def _run_metal(q, k, v, g, beta, state, mask, lanes: int):
     return y, state
 
 
-# Kernel instantiations that passed their self-check; False once one failed.
-_metal_checked: set = set()
+# Kernel instantiations that passed their self-check, and whether none failed.
+_metal_checked: set[tuple] = set()
 _metal_healthy = True
 
 
 def _metal_self_check(q, k, v, mask, lanes: int) -> bool:
     """Run this instantiation once on a small input against :func:`reference`.
 
-    On a compile error or a mismatch, warn once and disable the kernel for the
-    rest of the process.
+    Each instantiation (dtypes, head shapes, lanes, mask) is its own Metal
+    compile, so each is checked the first time it would run. On a compile
+    error or a mismatch, warn once and disable the kernel for the rest of the
+    process. The check's inputs are constants, so it also works while
+    ``mx.compile`` traces a caller.
     """
     global _metal_healthy
     Hk, Dk = q.shape[-2:]
@@ -295,11 +308,9 @@ def _metal_self_check(q, k, v, mask, lanes: int) -> bool:
         return False
     B, T = 2, 5
     key = iter(mx.random.split(mx.random.key(0), 6))
-    unit = lambda shape: (x := mx.random.normal(shape, key=next(key))) / mx.linalg.norm(
-        x, axis=-1, keepdims=True
-    )
-    qs = (unit((B, T, Hk, Dk)) * Dk**-0.5).astype(q.dtype)
-    ks = unit((B, T, Hk, Dk)).astype(k.dtype)
+    qs, ks = (mx.random.normal((B, T, Hk, Dk), key=next(key)) for _ in range(2))
+    qs = (qs * mx.rsqrt((qs * qs).sum(-1, keepdims=True) * Dk)).astype(q.dtype)
+    ks = (ks * mx.rsqrt((ks * ks).sum(-1, keepdims=True))).astype(k.dtype)
     vs = mx.random.normal((B, T, Hv, Dv), key=next(key)).astype(v.dtype)
     gs = mx.random.uniform(0.5, 1.0, (B, T, Hv), key=next(key))
     bs = mx.random.uniform(0.0, 1.0, (B, T, Hv), key=next(key))
@@ -336,8 +347,8 @@ def _on_metal() -> bool:
     return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
-def choose_method(T: int) -> str:
-    """The method ``auto`` runs for T steps on the default device.
+def choose_method(T: int, Dk: int, Dv: int) -> str:
+    """The method ``auto`` runs for T steps of heads Dk × Dv on the default device.
 
     CPU (2-core Linux x86, OpenBLAS; ``python bench/recurrence.py``): chunked
     wins at every T, C = 1 (plain fused steps) included, over reference and
@@ -349,7 +360,7 @@ def choose_method(T: int) -> str:
     parallelism across the chunk beats a sequential walk over T.
     """
     if _on_metal():
-        return "metal" if T <= METAL_DECODE_T else "fast"
+        return "metal" if T <= METAL_DECODE_T and _metal_lanes(T, Dk, Dv) else "fast"
     return "chunked"
 
 
@@ -400,16 +411,20 @@ def gated_delta_update(
         raise Qwen35Error(f"gated_delta_update: method={method!r}, expected one of {', '.join(METHODS)}")
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[-2:]
+    if state is not None:
+        state = state.astype(mx.float32)
     if mask is not None:
         mask = mask.astype(mx.bool_)
     if T == 0:
         y = mx.zeros((B, 0, Hv, Dv), dtype=v.dtype)
-        return y, mx.zeros((B, Hv, Dv, Dk), mx.float32) if state is None else state.astype(mx.float32)
+        return y, mx.zeros((B, Hv, Dv, Dk), mx.float32) if state is None else state
     if method == "auto":
-        method = choose_method(T)
+        method = choose_method(T, Dk, Dv)
     if method == "metal":
         if not mx.metal.is_available():
-            raise Qwen35Error("gated_delta_update: method='metal' needs an Apple GPU (mx.metal.is_available() is False)")
+            raise Qwen35Error(
+                "gated_delta_update: method='metal' needs an Apple GPU (mx.metal.is_available() is False)"
+            )
         lanes = _metal_lanes(T, Dk, Dv)
         if lanes is None:
             raise Qwen35Error(

@@ -243,6 +243,27 @@ def test_healthy_kernel_is_checked_once_per_instantiation(fake_metal, caplog, gr
     assert not caplog.records
 
 
+def test_auto_on_metal_runs_the_kernel_for_decode_and_mx_fast_for_prefill(fake_metal, monkeypatch, grid):
+    monkeypatch.setattr(gd, "_on_metal", lambda: True)
+    calls = fake_metal(lambda *a: gd.reference(*a[:7]))
+    short, _ = grid["T2-Hv4-state-mask"]
+    gd.gated_delta_update(*short)
+    assert len(calls) == 2  # self-check, then the run
+    long, _ = grid["T65-Hv4-state-mask"]
+    y, s = gd.gated_delta_update(*long)
+    y_fast, s_fast = mx.fast.gated_delta_update(*long)
+    assert mx.array_equal(y, y_fast) and mx.array_equal(s, s_fast) and len(calls) == 2
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="the CPU table")
+def test_auto_on_cpu_runs_chunked(grid):
+    for case in ("T1-Hv2", "T300-Hv4-state-mask"):
+        inputs, _ = grid[case]
+        y, s = gd.gated_delta_update(*inputs)
+        y_c, s_c = gd.chunked(*inputs)
+        assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
+
+
 # --------------------------------------------------------------------------- Metal kernel
 
 # Shapes for the kernel: Dk != Dv, Hv = Hk with 32 lanes a row (simd_sum)
@@ -429,7 +450,8 @@ def hint_in_subprocess(**env) -> str:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux BLAS selection")
 def test_blas_hint_on_the_bundled_reference_blas():
     hint = hint_in_subprocess()
-    assert "libopenblas0-pthread" in hint and "LD_PRELOAD=" in hint
+    assert f"LD_PRELOAD={OPENBLAS}" in hint
+    assert ("apt-get install libopenblas0-pthread" in hint) == (not OPENBLAS.exists())
 
 
 @pytest.mark.skipif(not OPENBLAS.exists(), reason="needs Debian's libopenblas0-pthread")
