@@ -1,32 +1,43 @@
-"""The ``mlx_qwen35`` command line."""
+"""The ``mlx_qwen35`` command line: convert, chat, generate, info.
+
+Heavy imports (MLX, mlx-lm, the tokenizer) happen inside the commands, so
+``--help`` answers at once. Bad input of any kind ends in one ``error:`` line
+and a non-zero exit: usage errors exit 2, everything else 1.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import Qwen35Error
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Qwen3.5 on MLX: convert checkpoints, chat, generate.",
+    help="Qwen3.5 on MLX: chat, generate, convert checkpoints, inspect memory.",
 )
 err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
 def _group() -> None:
-    """Qwen3.5 on MLX: convert checkpoints, chat, generate."""
+    """Qwen3.5 on MLX: chat, generate, convert checkpoints, inspect memory.
+
+    Start with `mlx_qwen35 chat`; every command has --help.
+    """
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(Text("error: ", style="bold red") + Text(message))
     raise typer.Exit(code)
 
 
@@ -38,6 +49,37 @@ def run_or_fail(fn, *args, **kwargs):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+
+
+def note(message: str) -> None:
+    err.print(Text(message, style="dim"))
+
+
+@contextmanager
+def conversion_progress() -> Iterator:
+    """Yields the ``progress(done, total, name)`` callback of convert(); its bar (stderr) appears on the first call."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("converting", start=False)
+
+    def progress(done: int, total: int, name: str):
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total, description=name[-48:])
+
+    try:
+        yield progress
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 class DType(str, Enum):
@@ -53,6 +95,21 @@ class QMode(str, Enum):
     mxfp8 = "mxfp8"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    q4 = "4bit"
+    q8 = "8bit"
+
+
+class Preset(str, Enum):  # the keys of mlx_qwen35.generate.PRESETS (a test keeps them equal)
+    thinking = "thinking"
+    thinking_coding = "thinking-coding"
+    instruct = "instruct"
+    instruct_vision = "instruct-vision"
+
+
 @app.command()
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Hugging Face checkpoint: local folder or hub id."),
@@ -66,26 +123,12 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
     """Convert a Hugging Face Qwen3.5 checkpoint to MLX safetensors."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .convert import QuantSpec, convert as do_convert
 
     spec = None
     if quantize:
         spec = run_or_fail(QuantSpec, bits=q_bits, group_size=q_group_size, mode=q_mode.value, vision=quantize_vision)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("converting")
-
-        def progress(done: int, total: int, name: str):
-            bar.update(task, completed=done, total=total, description=name[-48:])
-
+    with conversion_progress() as progress:
         summary = run_or_fail(
             do_convert, hf_path, mlx_path, dtype=dtype.value, quantize_spec=spec, force=force, progress=progress
         )
@@ -98,9 +141,297 @@ def convert(
         )
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+# ---------------------------------------------------------------------------------------------
+# chat and generate share these options.
+
+MODEL = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Local folder (Hugging Face, mlx_qwen35 or mlx-lm/mlx-vlm layout) or hub id. "
+    "[default: Qwen/Qwen3.5-2B, downloaded and converted once into ~/.cache/mlx_qwen35]",
+    show_default=False,
+)
+PRECISION = typer.Option(
+    Precision.auto,
+    "--precision",
+    help="Weights at run time. auto: 4bit on an Apple GPU, float32 on a CPU (fastest there); "
+    "an already quantized checkpoint runs as stored.",
+)
+SYSTEM = typer.Option(None, "--system", help="System prompt.")
+THINK = typer.Option(False, "--think/--no-think", help="Reason before answering.")
+BUDGET = typer.Option(None, "--thinking-budget", min=0, help="End reasoning after about this many tokens.")
+PRESET = typer.Option(
+    None,
+    "--preset",
+    help="Sampling preset from the model card. [default: thinking with --think, else instruct]",
+    show_default=False,
+)
+TEMP = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Overrides the preset.")
+TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1]. Overrides the preset.")
+TOP_K = typer.Option(None, "--top-k", help="Sample among the k likeliest tokens (0: all). Overrides the preset.")
+MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min-p × the top probability. Overrides the preset.")
+PRESENCE = typer.Option(None, "--presence-penalty", help="Penalty on tokens already generated. Overrides the preset.")
+REPETITION = typer.Option(None, "--repetition-penalty", help="Multiplicative repetition penalty (1: off).")
+SEED = typer.Option(None, "--seed", help="Random seed, for repeatable sampling.")
+KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the attention KV cache to 4 or 8 bits (long contexts).")
+TEMPLATE = typer.Option(
+    None, "--chat-template", help="Jinja chat template file replacing the checkpoint's own.", show_default=False
+)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def sampling_from(preset_name, think, **overrides):
+    """The Sampling the flags describe; None when none is given, so the think mode picks the preset."""
+    from dataclasses import replace
+
+    from .generate import default_sampling, preset
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if preset_name is None and not given:
+        return None
+    base = preset(preset_name.value) if preset_name is not None else default_sampling(think)
+    return replace(base, **given)
+
+
+def open_model(model: Optional[str], precision: Precision, chat_template: Optional[Path]):
+    """Resolve, convert if needed, and load; notes and hints on stderr."""
+    from .models import load_plan, plan
+
+    if sys.platform.startswith("linux"):
+        from .backend import blas_hint
+
+        hint = blas_hint()
+        if hint:
+            note(hint)
+    with conversion_progress() as progress:
+        p = run_or_fail(plan, model, precision.value, say=note, progress=progress)
+    for line in p.notes:
+        note(line)
+    with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
+        return run_or_fail(load_plan, p, chat_template)
+
+
+def make_chat(model, tokenizer, **settings):
+    from .chat import Chat
+
+    return run_or_fail(Chat, model, tokenizer, **settings)
+
+
+@contextmanager
+def wired(model):
+    """On an Apple GPU, keep the weights wired as mlx-lm does; nothing elsewhere."""
+    from mlx_lm.generate import wired_limit
+
+    with wired_limit(model):
+        yield
+
+
+@app.command()
+def chat(
+    model: Optional[str] = MODEL,
+    precision: Precision = PRECISION,
+    system: Optional[str] = SYSTEM,
+    think: bool = THINK,
+    thinking_budget: Optional[int] = BUDGET,
+    max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Longest answer, in tokens, per turn."),
+    preset: Optional[Preset] = PRESET,
+    temp: Optional[float] = TEMP,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    min_p: Optional[float] = MIN_P,
+    presence_penalty: Optional[float] = PRESENCE,
+    repetition_penalty: Optional[float] = REPETITION,
+    seed: Optional[int] = SEED,
+    kv_bits: Optional[int] = KV_BITS,
+    chat_template: Optional[Path] = TEMPLATE,
+):
+    """Chat with the model in the terminal (the answer streams; /help lists the commands).
+
+    Thinking, its budget and the system prompt can be changed between turns
+    (/think, /budget, /system); /save and /load keep a conversation with its
+    cache. Ctrl-C stops an answer, Ctrl-D leaves.
+    """
+    from .model.cache import KV_BITS as ALLOWED_KV_BITS
+    from .models import cache_root
+    from .repl import Repl, plain_reader, terminal_reader
+
+    sampling = run_or_fail(
+        sampling_from, preset, think, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+    )
+    if kv_bits is not None and kv_bits not in ALLOWED_KV_BITS:
+        fail(f"--kv-bits: {kv_bits} is not one of {', '.join(map(str, ALLOWED_KV_BITS))}")
+    m, tokenizer = open_model(model, precision, chat_template)
+    conversation = make_chat(
+        m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
+        max_tokens=max_tokens, kv_bits=kv_bits, seed=seed,
+    )
+    console = Console(soft_wrap=True, highlight=False)
+    interactive = sys.stdin.isatty()
+    read = terminal_reader(cache_root() / "history") if interactive else plain_reader
+    note(f"thinking {'on' if think else 'off'} │ /help for commands, Ctrl-D to leave")
+    with wired(m):
+        Repl(conversation, console=console, read=read).run()
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="The user message. [default: read from stdin]", show_default=False
+    ),
+    file: Optional[Path] = typer.Option(
+        None, "--file", "-f", help="A text file sent as the message (before --prompt, if both).", show_default=False
+    ),
+    model: Optional[str] = MODEL,
+    precision: Precision = PRECISION,
+    system: Optional[str] = SYSTEM,
+    think: bool = THINK,
+    thinking_budget: Optional[int] = BUDGET,
+    max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Longest answer, in tokens."),
+    preset: Optional[Preset] = PRESET,
+    temp: Optional[float] = TEMP,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    min_p: Optional[float] = MIN_P,
+    presence_penalty: Optional[float] = PRESENCE,
+    repetition_penalty: Optional[float] = REPETITION,
+    seed: Optional[int] = SEED,
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not output."),
+    kv_bits: Optional[int] = KV_BITS,
+    chat_template: Optional[Path] = TEMPLATE,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (reasoning, text, finish_reason, stats) instead of streaming."
+    ),
+):
+    """Answer one message and exit: for scripts and pipes.
+
+    The answer streams to stdout; reasoning (with --think) goes to stderr,
+    dimmed, and so do the figures, so stdout holds only the answer.
+    With --json nothing streams and stdout gets one JSON object.
+    """
+    from .model.cache import KV_BITS as ALLOWED_KV_BITS
+    from .repl import document_message, stats_line
+
+    sampling = run_or_fail(
+        sampling_from, preset, think, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+    )
+    if kv_bits is not None and kv_bits not in ALLOWED_KV_BITS:
+        fail(f"--kv-bits: {kv_bits} is not one of {', '.join(map(str, ALLOWED_KV_BITS))}")
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if file is not None:
+        message = run_or_fail(document_message, file, prompt or "")
+    elif prompt is None:
+        fail("no prompt: pass --prompt TEXT, pipe the message on stdin, or --file PATH")
+    elif not prompt.strip():
+        fail("prompt: empty")
+    else:
+        message = prompt
+    m, tokenizer = open_model(model, precision, chat_template)
+    conversation = make_chat(
+        m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
+        max_tokens=max_tokens, kv_bits=kv_bits, seed=seed,
+    )
+    gen = run_or_fail(conversation.send, message, stop=stop)
+    open_line = {"reasoning": False, "answer": False}  # text written without a final newline
+    try:
+        with wired(m):
+            for piece in gen:
+                if as_json or not piece.text:
+                    continue
+                if piece.kind == "reasoning":
+                    err.print(Text(piece.text, style="dim"), end="")
+                else:
+                    if open_line["reasoning"]:
+                        err.print()
+                        open_line["reasoning"] = False
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+                open_line[piece.kind] = not piece.text.endswith("\n")
+    except KeyboardInterrupt:
+        gen.close()
+    except Qwen35Error as e:
+        fail(str(e))
+    r = gen.result
+    if as_json:
+        stats = {
+            k: getattr(r, k)
+            for k in (
+                "prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps", "generation_tps",
+                "peak_memory_gb",
+            )
+        }
+        json.dump(
+            {"reasoning": r.reasoning, "text": r.text, "finish_reason": r.finish_reason, "stats": stats},
+            sys.stdout,
+            ensure_ascii=False,
+        )
+        sys.stdout.write("\n")
+    elif open_line["answer"]:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if open_line["reasoning"]:
+        err.print()
+    note(stats_line(r))
+    if r.finish_reason == "interrupted":
+        raise typer.Exit(130)
+
+
+@app.command()
+def info(
+    model: Optional[str] = typer.Argument(
+        None, help="Folder or hub id. [default: Qwen/Qwen3.5-2B]", show_default=False
+    ),
+    precision: Precision = PRECISION,
+):
+    """Memory: weights, KV cache per token, recurrent state, and the longest context that fits.
+
+    Nothing is loaded: the figures come from the config and the weights'
+    shapes and dtypes, at the precision chat and generate would use.
+    """
+    from .model.cache import KV_BITS as ALLOWED_KV_BITS
+    from .models import DEFAULT_MODEL, DTYPE_NAMES, available_memory, build, footprint, plan
+
+    p = run_or_fail(plan, model, precision.value, convert=False)
+    fp = footprint(run_or_fail(build, p, lazy=True))
+    available, source = available_memory()
+    dtype = DTYPE_NAMES.get(fp.compute_dtype, str(fp.compute_dtype))
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"[bold]{model or DEFAULT_MODEL}[/]: {p.precision} weights, activations and KV cache in {dtype}")
+    vision = f" + {gib(fp.weights['vision'])} vision (loaded only for images)" if "vision" in fp.weights else ""
+    out.print(f"  weights   {gib(fp.weights['text'])} text{vision}")
+    out.print(f"  state     {fp.state / 2**20:.1f} MiB per conversation ({fp.linear_layers} Gated DeltaNet layers)")
+    out.print(f"  memory    {gib(available)} available ({source})")
+    out.print(f"  KV cache  ({fp.attention_layers} attention layers)  per token    longest context that fits")
+    for bits in (None, *sorted(ALLOWED_KV_BITS, reverse=True)):
+        label = dtype if bits is None else f"--kv-bits {bits}"
+        tokens = fp.longest_context(available, bits)
+        limit = "  (the model's limit)" if tokens == fp.max_context else ""
+        out.print(f"    {label:<12} {fp.kv_per_token[bits] / 1024:20.2f} KiB {tokens:>16,} tokens{limit}")
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# Typer raises click's UsageError, or its bundled copy's (typer ≥ 0.2x); both are BadParameter's base.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def main() -> None:
+    """The console entry point: usage errors too become one line (exit 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except _UsageError as e:
+        if e.format_message():  # empty after no_args_is_help has shown the help
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            err.print(Text("error: ", style="bold red") + Text(e.format_message() + hint))
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -62,12 +62,15 @@ def load_model(
     dtype: Optional[mx.Dtype] = None,
     vision: bool = True,
     mtp: bool = False,
+    lazy: bool = False,
 ) -> Model:
     """Build the model from any supported checkpoint layout.
 
     Weights stay lazy until used; only the language model is evaluated here,
     so the vision tower costs no memory until an image arrives. ``dtype``
-    casts floating weights (quantized ones stay quantized).
+    casts floating weights (quantized ones stay quantized). ``lazy`` skips
+    that evaluation: nothing is read, yet every array's shape and dtype (so
+    the bytes it will take) are known.
     """
     folder = resolve(path_or_id)
     config = load_config(folder)
@@ -82,7 +85,8 @@ def load_model(
     load_into(model, drop_unused(ckpt, model), folder)
     if dtype is not None:
         cast(model, dtype)
-    mx.eval(model.language_model.parameters())
+    if not lazy:
+        mx.eval(model.language_model.parameters())
     return model
 
 

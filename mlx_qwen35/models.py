@@ -1,0 +1,247 @@
+"""Which checkpoint ``chat``, ``generate`` and ``info`` run, at which precision, and what it costs in memory.
+
+``--model`` is a local folder (a raw Hugging Face checkpoint, ours, or one
+written by mlx-lm / mlx-vlm) or a hub id. A hub repo that already holds MLX
+weights is used as downloaded; a raw checkpoint is downloaded once and
+converted once into ``~/.cache/mlx_qwen35/<org>--<name>-<precision>``, which
+later runs reuse without touching the network.
+
+The default precision follows the backend: 4-bit on an Apple GPU; float32 on
+a CPU, where MLX sends float32 matmuls to BLAS but runs bf16 and quantized
+ones on much slower generic kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .errors import Qwen35Error
+from .loading import resolve
+
+DEFAULT_MODEL = "Qwen/Qwen3.5-2B"
+PRECISIONS = ("auto", "float32", "bfloat16", "4bit", "8bit")
+CPU_NOTE = (
+    "CPU backend: running in float32 (MLX's bf16 and quantized matmuls are 10-100x slower than float32 BLAS here)"
+)
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+def cache_root() -> Path:
+    """Where converted hub checkpoints live: ``$XDG_CACHE_HOME/mlx_qwen35`` (default ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_qwen35"
+
+
+def concrete_precision(precision: str, *, metal: bool) -> str:
+    """``auto`` → 4-bit on an Apple GPU, float32 on a CPU; anything else checked and returned."""
+    if precision not in PRECISIONS:
+        raise Qwen35Error(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "4bit" if metal else "float32"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to load and how: the folder, a cast of its floating weights, bits to quantize to in memory."""
+
+    folder: Path
+    precision: str
+    dtype: Optional[mx.Dtype] = None
+    quantize_bits: Optional[int] = None
+    notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    format: str  # "hf", "ours" or "mlx"
+    quant_bits: Optional[int]
+    dtype: mx.Dtype  # of its floating weights (the embedding's)
+
+
+def _inspect(folder: Path) -> _Checkpoint:
+    from .config import load_config
+    from .weights import detect_format, read_checkpoint
+
+    config = load_config(folder)
+    tensors = read_checkpoint(folder).tensors  # lazy: headers only
+    fmt = detect_format(config.raw, tensors)
+    quant = config.quantization
+    floats = [w.dtype for w in tensors.values() if mx.issubdtype(w.dtype, mx.floating)]
+    dtype = max(set(floats), key=floats.count) if floats else mx.float32
+    return _Checkpoint(fmt, None if not quant else quant.get("bits", 4), dtype)
+
+
+def plan(
+    model: Optional[str] = None,
+    precision: str = "auto",
+    *,
+    metal: Optional[bool] = None,
+    convert: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+) -> Plan:
+    """Decide how to run ``model`` (default :data:`DEFAULT_MODEL`) at ``precision``.
+
+    A raw checkpoint from the hub is converted into :func:`cache_root` (once;
+    ``say`` announces it and ``progress`` follows it), unless ``convert`` is
+    False: then it is planned like a local raw folder, converted in memory.
+    An already quantized checkpoint runs as stored under ``auto``.
+    """
+    name = model or DEFAULT_MODEL
+    metal = mx.metal.is_available() if metal is None else metal
+    p = concrete_precision(precision, metal=metal)
+    notes = (CPU_NOTE,) if precision == "auto" and not metal else ()
+    hub = not Path(name).expanduser().exists()
+    if hub:
+        for tag in _cache_tags(p):
+            cached = cache_root() / f"{name.replace('/', '--')}-{tag}"
+            if (cached / "config.json").is_file():
+                return _plan_folder(cached, _inspect(cached), precision, p, notes)
+    folder = resolve(name)  # a hub id that is not cached yet is downloaded here
+    ckpt = _inspect(folder)
+    if hub and convert and ckpt.format == "hf":
+        folder = _convert_once(name, folder, p, ckpt, say, progress)
+        ckpt = _inspect(folder)
+    return _plan_folder(folder, ckpt, precision, p, notes)
+
+
+def _cache_tags(precision: str) -> tuple[str, ...]:
+    if precision == "float32":
+        return ("bfloat16", "float16", "float32")  # a lossless copy of the source, cast when loaded
+    return (precision,)
+
+
+def _convert_once(name: str, source: Path, precision: str, ckpt: _Checkpoint, say, progress) -> Path:
+    from .convert import QuantSpec, convert
+
+    if precision in ("4bit", "8bit"):
+        dtype, spec, tag = "bfloat16", QuantSpec(bits=int(precision[0])), precision
+    else:
+        # float32 runs from the source's own precision (bf16 for the official checkpoints: half the disk)
+        dtype = "bfloat16" if precision == "bfloat16" else DTYPE_NAMES.get(ckpt.dtype, "float32")
+        spec, tag = None, dtype
+    out = cache_root() / f"{name.replace('/', '--')}-{tag}"
+    say(f"converting {name} to {tag} into {out} (once; later runs reuse it)")
+    convert(source, out, dtype=dtype, quantize_spec=spec, force=True, progress=progress)
+    return out
+
+
+def _plan_folder(folder: Path, ckpt: _Checkpoint, requested: str, precision: str, notes: tuple[str, ...]) -> Plan:
+    cast = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(precision)
+    if ckpt.quant_bits is None:
+        bits = int(precision[0]) if precision in ("4bit", "8bit") else None
+        return Plan(folder, precision, cast, bits, notes)
+    if requested == "auto" and precision in ("4bit", "8bit"):
+        return Plan(folder, f"{ckpt.quant_bits}bit", None, None, notes)
+    if precision in ("4bit", "8bit") and int(precision[0]) != ckpt.quant_bits:
+        raise Qwen35Error(
+            f"--precision {precision}: {folder} is already quantized to {ckpt.quant_bits} bits; "
+            "use --precision auto, or a checkpoint that is not quantized"
+        )
+    if cast is not None:
+        notes += (f"{folder.name} is quantized: its quantized layers stay so, the rest run in {precision}",)
+    return Plan(folder, precision, cast, None, notes)
+
+
+def build(p: Plan, *, lazy: bool = False):
+    """The model of a :class:`Plan`; ``lazy`` reads no weights (shapes and dtypes only)."""
+    from .convert import QuantSpec, quantize
+    from .loading import load_model
+
+    model = load_model(p.folder, dtype=p.dtype, lazy=True)
+    if p.quantize_bits is not None:
+        quantize(model, QuantSpec(bits=p.quantize_bits))
+    if not lazy:
+        mx.eval(model.language_model.parameters())
+    return model
+
+
+def load_plan(p: Plan, chat_template: Optional[str] = None):
+    """``(model, tokenizer)`` of a :class:`Plan`; ``chat_template`` replaces the checkpoint's."""
+    from .tokenizer import load_tokenizer
+
+    return build(p), load_tokenizer(p.folder, chat_template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what the weights, the KV cache and the recurrent state take.
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes the model takes at run time; KV per token for full-precision and quantized caches."""
+
+    weights: dict[str, int]  # "text", "vision" (loaded only when an image arrives)
+    kv_per_token: dict[Optional[int], float]  # kv_bits (None = unquantized) → bytes per token
+    state: int  # conv + recurrent state of every Gated DeltaNet layer, per conversation
+    compute_dtype: mx.Dtype
+    attention_layers: int
+    linear_layers: int
+    max_context: int
+
+    def longest_context(self, available: int, kv_bits: Optional[int] = None) -> int:
+        """Tokens whose KV fits in ``available`` bytes besides the text weights and the state."""
+        free = available - self.weights["text"] - self.state
+        return max(0, min(self.max_context, int(free // self.kv_per_token[kv_bits])))
+
+
+def footprint(model) -> Footprint:
+    """The :class:`Footprint` of a (lazy) model, from its config and its parameters' shapes and dtypes."""
+    from mlx.utils import tree_flatten
+
+    from .model.cache import KV_BITS
+
+    cfg = model.config.text
+    lm = model.language_model
+    emb = lm.embed_tokens
+    compute = getattr(emb, "scales", emb.weight).dtype  # activations, hence KV, take the embedding's dtype
+    size = compute.size
+    attn = [layer for layer in lm.layers if not layer.is_linear]
+    linear = len(lm.layers) - len(attn)
+    elements = 2 * len(attn) * cfg.num_key_value_heads * cfg.head_dim  # keys and values
+    kv: dict[Optional[int], float] = {None: elements * size}
+    for bits in KV_BITS:
+        group = 64 if cfg.head_dim % 64 == 0 else 32
+        kv[bits] = elements * (bits / 8 + 2 * size / group)  # packed values, then a scale and a bias per group
+    # conv state in the compute dtype; the recurrent state is always float32
+    per_layer = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * size
+    per_layer += cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
+    weights = {"text": sum(w.nbytes for _, w in tree_flatten(lm.parameters()))}
+    if getattr(model, "visual", None) is not None:
+        weights["vision"] = sum(w.nbytes for _, w in tree_flatten(model.visual.parameters()))
+    return Footprint(weights, kv, linear * per_layer, compute, len(attn), linear, cfg.max_position_embeddings)
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes the model may use, and where that figure comes from."""
+    if mx.metal.is_available():
+        return int(mx.device_info()["max_recommended_working_set_size"]), "Metal's recommended working set"
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024, "MemAvailable"
+        except OSError:
+            pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PRECISIONS",
+    "Footprint",
+    "Plan",
+    "available_memory",
+    "build",
+    "cache_root",
+    "footprint",
+    "load_plan",
+    "plan",
+]

@@ -1,0 +1,323 @@
+"""The chat REPL: line editing and history, streamed replies with the reasoning dimmed, slash commands.
+
+:class:`Repl` reads lines through a ``read(prompt)`` function (prompt-toolkit
+in a terminal, plain ``input`` otherwise) and writes through a rich console,
+so it runs the same in a terminal, a pipe, or a test.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console
+from rich.text import Text
+
+from .errors import Qwen35Error
+
+PROMPT = "› "
+MORE = "… "
+
+HELP = """\
+Type a message and press Enter; the answer streams, reasoning dimmed above it.
+
+  /think on|off       think before answering (/think alone shows the setting)
+  /budget N|off       end reasoning after about N tokens
+  /max N              longest answer, in tokens (reasoning included)
+  /system TEXT        set the system prompt (/system alone removes it)
+  /file PATH [TEXT]   send a text file, followed by TEXT if given (quote a PATH with spaces)
+  /save PATH          save the conversation and its cache
+  /load PATH          resume a saved conversation (with its settings)
+  /reset              start a new conversation
+  /stats              totals for this session
+  /help               this list
+  /quit               leave (Ctrl-D too)
+
+Several lines: end a line with \\ to continue on the next, or press Esc then Enter
+(Alt+Enter) for a new line; pasted text keeps its lines. Start a message with //
+to send a line that begins with /.
+Ctrl-C stops the answer being written (the conversation keeps what was written)
+or clears the line being typed. Arrow keys recall earlier input."""
+
+
+def stats_line(r) -> str:
+    """One turn's figures: prompt tokens (of which prefilled now), speeds, peak memory."""
+    line = (
+        f"prompt {r.prompt_tokens} tok ({r.prefilled_tokens} new) {r.prompt_tps:.1f} tok/s │ "
+        f"generated {r.generation_tokens} tok {r.generation_tps:.1f} tok/s │ peak {r.peak_memory_gb:.2f} GB"
+    )
+    if r.finish_reason == "length":
+        line += " │ hit the token limit"
+    return line
+
+
+def read_document(path) -> str:
+    """The text of a UTF-8 file, or a :class:`Qwen35Error` saying why it cannot be used."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise Qwen35Error(f"{p}: no such file")
+    if p.is_dir():
+        raise Qwen35Error(f"{p}: is a folder, not a text file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise Qwen35Error(f"{p}: cannot be read ({e.strerror})") from None
+    if b"\0" not in data:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise Qwen35Error(f"{p}: not a text file (binary, or not UTF-8)")
+
+
+def document_message(path, message: str = "") -> str:
+    """A user message carrying a text file's contents, then ``message``."""
+    text = read_document(path).strip("\n")
+    if not text.strip():
+        raise Qwen35Error(f"{Path(path).expanduser()}: empty")
+    return f"File {Path(path).name}:\n\n{text}" + (f"\n\n{message}" if message.strip() else "")
+
+
+@dataclass
+class Totals:
+    """Cumulative figures over every turn of a session (across /reset and /load)."""
+
+    turns: int = 0
+    prompt: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    prefill_s: float = 0.0
+    generate_s: float = 0.0
+    peak_gb: float = 0.0
+    interrupted: int = 0
+
+    def add(self, r) -> None:
+        self.turns += 1
+        self.prompt += r.prompt_tokens
+        self.prefilled += r.prefilled_tokens
+        self.generated += r.generation_tokens
+        self.prefill_s += r.prefilled_tokens / r.prompt_tps if r.prompt_tps else 0.0
+        self.generate_s += r.generation_tokens / r.generation_tps if r.generation_tps else 0.0
+        self.peak_gb = max(self.peak_gb, r.peak_memory_gb)
+        self.interrupted += r.finish_reason == "interrupted"
+
+    def line(self) -> str:
+        stopped = f" ({self.interrupted} stopped)" if self.interrupted else ""
+        return (
+            f"{self.turns} turn{'s' if self.turns != 1 else ''}{stopped} │ "
+            f"prompt {self.prompt} tok, {self.prefilled} prefilled at "
+            f"{self.prefilled / max(self.prefill_s, 1e-9):.1f} tok/s │ "
+            f"generated {self.generated} tok at {self.generated / max(self.generate_s, 1e-9):.1f} tok/s │ "
+            f"peak {self.peak_gb:.2f} GB"
+        )
+
+
+class Repl:
+    """An interactive conversation around a :class:`~mlx_qwen35.chat.Chat`."""
+
+    def __init__(self, chat, *, console: Console, read: Callable[[str], str]):
+        self.chat = chat
+        self.out = console
+        self.read = read
+        self.totals = Totals()
+        self.commands: dict[str, Callable[[str], Optional[bool]]] = {
+            "think": self.cmd_think,
+            "budget": self.cmd_budget,
+            "max": self.cmd_max,
+            "system": self.cmd_system,
+            "file": self.cmd_file,
+            "save": self.cmd_save,
+            "load": self.cmd_load,
+            "reset": self.cmd_reset,
+            "stats": self.cmd_stats,
+            "help": self.cmd_help,
+            "quit": self.cmd_quit,
+            "exit": self.cmd_quit,
+        }
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Read and answer until /quit or end of input (Ctrl-D)."""
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt only clears what was typed
+            except EOFError:
+                return
+            try:
+                if not self.handle(text):
+                    return
+            except KeyboardInterrupt:  # outside an answer: while reading a file, saving, loading
+                self.out.print(Text("[interrupted]", style="yellow"))
+
+    def read_message(self) -> str:
+        lines = [self.read(PROMPT)]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(self.read(MORE))
+        return "\n".join(lines)
+
+    def handle(self, text: str) -> bool:
+        """Act on one input; False means leave."""
+        if not text.strip():
+            return True
+        stripped = text.strip()
+        if stripped.startswith("/") and not stripped.startswith("//"):
+            name, _, arg = stripped[1:].partition(" ")
+            command = self.commands.get(name.lower())
+            if command is None:
+                self.error(f"unknown command /{name} (/help lists them)")
+                return True
+            try:
+                return command(arg.strip()) is not False
+            except Qwen35Error as e:
+                self.error(str(e))
+                return True
+        self.send(text[1:] if stripped.startswith("//") else text)
+        return True
+
+    def send(self, content: str) -> None:
+        """One turn: stream the reply, then its figures."""
+        try:
+            gen = self.chat.send(content)
+        except Qwen35Error as e:
+            self.error(str(e))
+            return
+        shown = None  # the kind of text being written
+        fresh = True  # nothing of that kind written yet: leading newlines dropped
+        interrupted = False
+        try:
+            for piece in gen:
+                if piece.kind != shown:
+                    if piece.kind == "reasoning":
+                        self.out.print(Text("thinking…", style="dim italic"))
+                    elif shown == "reasoning":
+                        self.out.print("\n")
+                    shown, fresh = piece.kind, True
+                text = piece.text.lstrip("\n") if fresh else piece.text
+                if text:
+                    fresh = False
+                    self.out.print(Text(text, style="dim" if piece.kind == "reasoning" else ""), end="")
+        except KeyboardInterrupt:
+            interrupted = True
+        except Qwen35Error as e:
+            self.error(str(e))
+        finally:
+            gen.close()  # ends an interrupted generation; Chat keeps the partial turn
+        if shown is not None:
+            self.out.print()
+        if interrupted:
+            self.out.print(Text("[stopped; the conversation keeps the partial answer]", style="yellow"))
+        r = gen.result
+        if r is not None:
+            self.totals.add(r)
+            self.out.print(Text(stats_line(r), style="dim"))
+
+    def error(self, message: str) -> None:
+        self.out.print(Text(f"error: {message}", style="red"))
+
+    def note(self, message: str) -> None:
+        self.out.print(Text(message, style="dim"))
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def cmd_think(self, arg: str) -> None:
+        if arg:
+            if arg.lower() not in ("on", "off"):
+                raise Qwen35Error(f"/think: expected on or off, got {arg!r}")
+            self.chat.think = arg.lower() == "on"
+        self.note(f"thinking {'on' if self.chat.think else 'off'}")
+
+    def cmd_budget(self, arg: str) -> None:
+        if arg.lower() in ("off", "none"):
+            self.chat.thinking_budget = None
+        elif arg:
+            if not arg.isdigit():
+                raise Qwen35Error(f"/budget: expected a number of tokens or off, got {arg!r}")
+            self.chat.thinking_budget = int(arg)
+        budget = self.chat.thinking_budget
+        self.note(f"thinking budget {'off' if budget is None else f'{budget} tokens'}")
+
+    def cmd_max(self, arg: str) -> None:
+        if arg:
+            if not arg.isdigit() or int(arg) < 1:
+                raise Qwen35Error(f"/max: expected a number of tokens ≥ 1, got {arg!r}")
+            self.chat.max_tokens = int(arg)
+        self.note(f"answers up to {self.chat.max_tokens} tokens")
+
+    def cmd_system(self, arg: str) -> None:
+        self.chat.system = arg or None
+        self.note("system prompt set" if arg else "system prompt removed")
+
+    def cmd_file(self, arg: str) -> None:
+        try:
+            words = shlex.split(arg)
+        except ValueError as e:
+            raise Qwen35Error(f"/file: {e}") from None
+        if not words:
+            raise Qwen35Error("/file: expected a PATH (and optionally a message)")
+        content = document_message(words[0], " ".join(words[1:]))
+        self.note(f"sending {words[0]} ({len(content):,} characters)")
+        self.send(content)
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise Qwen35Error("/save: expected a PATH")
+        path = self.chat.save(Path(arg).expanduser())
+        self.note(f"saved {len(self.chat.messages)} messages to {path}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise Qwen35Error("/load: expected a PATH")
+        self.chat = type(self.chat).load(Path(arg).expanduser(), self.chat.model, self.chat.tokenizer)
+        c = self.chat
+        self.note(
+            f"resumed {len(c.messages)} messages │ thinking {'on' if c.think else 'off'}"
+            + (f" │ system prompt: {c.system}" if c.system else "")
+        )
+
+    def cmd_reset(self, arg: str) -> None:
+        self.chat.reset()
+        self.note("new conversation (settings kept)")
+
+    def cmd_stats(self, arg: str) -> None:
+        self.note(self.totals.line())
+        self.note(f"conversation: {len(self.chat.messages)} messages, {len(self.chat.tokens)} tokens in the last prompt")
+
+    def cmd_help(self, arg: str) -> None:
+        self.out.print(Text(HELP))
+
+    def cmd_quit(self, arg: str) -> bool:
+        return False
+
+
+def terminal_reader(history: Optional[Path] = None) -> Callable[[str], str]:
+    """``read(prompt)`` with line editing and history (prompt-toolkit); Esc Enter inserts a newline."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    store = InMemoryHistory()
+    if history is not None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            store = FileHistory(str(history))
+        except OSError:
+            pass  # an unwritable cache folder costs only the saved history
+    session = PromptSession(history=store, key_bindings=keys)
+    return lambda prompt: session.prompt(prompt)
+
+
+def plain_reader(prompt: str) -> str:
+    """``read(prompt)`` for input that is not a terminal (a pipe or a file)."""
+    return input(prompt)
