@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: a fast BLAS on Linux, and best-of timings.
+"""Shared by the benchmarks: a fast BLAS on Linux, and interleaved best-of timings.
 
 On Linux the figures mean little on MLX's bundled reference BLAS, so
 :func:`use_fast_blas` re-runs the benchmark with the environment that
@@ -38,18 +38,18 @@ def use_fast_blas() -> str:
     return f"{path}" + (f" (OpenBLAS, {core} kernels)" if core else "")
 
 
-def best_time(
-    fn: Callable[[], object], warmup: Callable[[], object] | None = None, budget: float = 2.0, reps: int = 5
-) -> float:
-    """Best wall time of ``fn`` (evaluated) over up to ``reps`` runs within ``budget`` seconds.
+def race(fns: dict[str, Callable[[], object]], rounds: int = 5, warmups: dict | None = None) -> dict[str, float]:
+    """Best wall time of each ``fn`` (evaluated) over ``rounds`` interleaved rounds.
 
-    ``warmup`` (default ``fn``) runs first, untimed: compilation and allocation.
+    Interleaving keeps the ratios honest on a shared machine, whose load
+    drifts over seconds. ``warmups`` (default: the fns) run first, untimed.
     """
-    mx.eval((warmup or fn)())
-    best, spent, n = float("inf"), 0.0, 0
-    while n < reps and (n == 0 or spent < budget):
-        t = time.perf_counter()
-        mx.eval(fn())
-        dt = time.perf_counter() - t
-        best, spent, n = min(best, dt), spent + dt, n + 1
+    for name, fn in fns.items():
+        mx.eval((warmups or fns)[name]())
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            mx.eval(fn())
+            best[name] = min(best[name], time.perf_counter() - t)
     return best

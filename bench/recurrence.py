@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, use_fast_blas  # noqa: E402
+from common import race, use_fast_blas  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.gated_delta import gated_delta_ops  # noqa: E402
@@ -56,34 +56,39 @@ def table(Ts: list[int]) -> None:
     print(f"{'auto/mlx-lm':>13}{'auto/mx.fast':>14}   (tokens/s)")
     for T in Ts:
         a = inputs(T)
-        warm = tuple(x[:, : min(T, 512)] if x.ndim > 2 and x.shape[1] == T else x for x in a)
-        # The sequential paths' long runs take seconds each: one timed run past 2048.
-        reps = 1 if T > 2048 else 5
-        tps = {
-            name: T / best_time(lambda: fn(*a), warmup=lambda: fn(*warm), reps=reps)
-            for name, fn in CANDIDATES.items()
-        }
-        method = gd.choose_method(T, D, D)
-        row = f"{T:>6} {method:>10}" + "".join(f"{tps[name]:>11.0f}" for name in CANDIDATES)
+        warm = inputs(min(T, 512))
+        # The sequential paths take seconds per run at the longest T.
+        best = race(
+            {name: (lambda fn=fn: fn(*a)) for name, fn in CANDIDATES.items()},
+            rounds=2 if T > 2048 else 5,
+            warmups={name: (lambda fn=fn: fn(*warm)) for name, fn in CANDIDATES.items()},
+        )
+        tps = {name: T / t for name, t in best.items()}
+        row = f"{T:>6} {gd.choose_method(T, D, D):>10}" + "".join(f"{tps[name]:>11.0f}" for name in CANDIDATES)
         print(row + f"{tps['auto'] / tps['mlx-lm']:>12.1f}x{tps['auto'] / tps['mx.fast']:>13.1f}x", flush=True)
 
 
 def tune() -> None:
-    print("chunked tokens/s by chunk size C (C = 1: plain fused steps)")
     sizes = (1, 2, 4, 8, 16, 32, 64)
+    print("chunked tokens/s by chunk size C (C = 1: plain fused steps)")
     print(f"{'T':>6}" + "".join(f"{'C=' + str(c):>9}" for c in sizes) + f"{'mlx-lm':>9}")
     for T in (1, 2, 3, 4, 8, 16, 32, 64, 128, 512, 2048):
         a = inputs(T)
-        cells = "".join(
-            f"{T / best_time(lambda: gd.chunked(*a, chunk=c)):>9.0f}" if c <= T else f"{'':>9}" for c in sizes
-        )
-        print(f"{T:>6}{cells}{T / best_time(lambda: gated_delta_ops(*a)):>9.0f}", flush=True)
+        fns = {c: (lambda c=c: gd.chunked(*a, chunk=c)) for c in sizes if c <= T}
+        fns["mlx-lm"] = lambda: gated_delta_ops(*a)
+        best = race(fns, rounds=3 if T > 512 else 8)
+        cells = "".join(f"{T / best[c]:>9.0f}" if c in best else f"{'':>9}" for c in sizes)
+        print(f"{T:>6}{cells}{T / best['mlx-lm']:>9.0f}", flush=True)
     T, chunk = 2048, gd.chunk_size(2048)
     a = inputs(T)
     print(f"\nT = {T}, C = {chunk}: tokens/s by SEGMENT (tokens prepared at once)")
-    for seg in (64, 128, 256, 512, 1024, 2048):
+
+    def at(seg):
         gd.SEGMENT = seg
-        print(f"{seg:>6}{T / best_time(lambda: gd.chunked(*a, chunk=chunk)):>9.0f}", flush=True)
+        return gd.chunked(*a)
+
+    best = race({seg: (lambda seg=seg: at(seg)) for seg in (64, 128, 256, 512, 1024, 2048)}, rounds=3)
+    print("".join(f"{seg:>6}: {T / t:.0f}" for seg, t in best.items()))
 
 
 def main() -> None:

@@ -105,12 +105,23 @@ def reference(q, k, v, g, beta, state=None, mask=None):
 # or the cancellation of log-space differences. Padding and masked steps use
 # g = 1, β = 0 and k = v = 0, which makes them the identity on the state.
 #
-# Tuning (bench/recurrence.py --tune, 2-core Linux CPU with OpenBLAS): see
-# chunk_size. SEGMENT bounds how many tokens are prepared at once: the CPU
-# backend allocates every temporary afresh, and segment-sized ones stay in
-# cache and off the page-fault path.
+# Tuned at the 2B shape (16 heads, 128 x 128) on the 2-core Linux x86 CPU
+# with OpenBLAS, `python bench/recurrence.py --tune` and interleaved best-of
+# runs (a shared machine: figures moved ±30% between runs, tokens/s):
+# - T <= 3: plain fused steps (C = 1) beat a chunk (T = 3: 2670 vs 2320);
+#   from T = 4 one chunk wins (T = 8: 5260 at C = 8, 2650 at C = 1).
+# - Longer runs: C = 16 and C = 32 tie within noise (T = 512: 16.4k vs 15.4k;
+#   T = 2048, single-threaded CPU time: 127 vs 125 ms), C = 8 and C = 64 lose
+#   (T = 128: 12.0k and 11.3k vs 16.2k at C = 32). Larger C shortens the carry
+#   (each chunk reads and rewrites the whole state) but grows the C×C algebra.
+# - SEGMENT: how many tokens are prepared at once. The CPU backend allocates
+#   every temporary afresh; segment-sized ones stay in cache (128-512 tie).
+# - mx.compile pays only for the decode step's small vector algebra: compiled,
+#   _prepare took 6.1 ms instead of 4.2 per 256 tokens, and the carry 12.4
+#   instead of 11.2 (the CPU backend's fused kernels lose to its eager ops on
+#   these broadcast shapes).
 SEGMENT = 256
-MAX_CHUNK = 16
+MAX_CHUNK = 32
 SINGLE_STEP_T = 3
 
 
