@@ -42,16 +42,16 @@ for (int j = 0; j < PER; ++j) {
 
 for (int t = 0; t < T; ++t) {
   if (!HAS_MASK || mask_[t]) {
+    // k and q are re-read rather than held: with 32 state floats a lane
+    // (LANES = 4, Dk = 128) registers go to the state.
+    const auto kt = k_ + t * Hk * Dk;
+    const auto qt = q_ + t * Hk * Dk;
     const float gt = g_[t * Hv];
     const float bt = beta_[t * Hv];
-    float kr[PER];
-    float qr[PER];
     float kv = 0.0f;
     for (int j = 0; j < PER; ++j) {
-      kr[j] = static_cast<float>(k_[t * Hk * Dk + j * LANES]);
-      qr[j] = static_cast<float>(q_[t * Hk * Dk + j * LANES]);
       s[j] *= gt;
-      kv += s[j] * kr[j];
+      kv += s[j] * static_cast<float>(kt[j * LANES]);
     }
     if (LANES == 32) {
       kv = simd_sum(kv);
@@ -63,8 +63,8 @@ for (int t = 0; t < T; ++t) {
     const float delta = (static_cast<float>(v_[t * Hv * Dv]) - kv) * bt;
     float out = 0.0f;
     for (int j = 0; j < PER; ++j) {
-      s[j] += kr[j] * delta;
-      out += s[j] * qr[j];
+      s[j] += static_cast<float>(kt[j * LANES]) * delta;
+      out += s[j] * static_cast<float>(qt[j * LANES]);
     }
     if (LANES == 32) {
       out = simd_sum(out);
