@@ -149,7 +149,7 @@ MODEL = typer.Option(
     "--model",
     "-m",
     help="Local folder (Hugging Face, mlx_qwen35 or mlx-lm/mlx-vlm layout) or hub id. "
-    "[default: Qwen/Qwen3.5-2B, downloaded and converted once into ~/.cache/mlx_qwen35]",
+    "Default: Qwen/Qwen3.5-2B, downloaded and converted once into ~/.cache/mlx_qwen35.",
     show_default=False,
 )
 PRECISION = typer.Option(
@@ -164,7 +164,7 @@ BUDGET = typer.Option(None, "--thinking-budget", min=0, help="End reasoning afte
 PRESET = typer.Option(
     None,
     "--preset",
-    help="Sampling preset from the model card. [default: thinking with --think, else instruct]",
+    help="Sampling preset from the model card. Default: thinking with --think, else instruct.",
     show_default=False,
 )
 TEMP = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Overrides the preset.")
@@ -176,7 +176,12 @@ REPETITION = typer.Option(None, "--repetition-penalty", help="Multiplicative rep
 SEED = typer.Option(None, "--seed", help="Random seed, for repeatable sampling.")
 KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the attention KV cache to 4 or 8 bits (long contexts).")
 TEMPLATE = typer.Option(
-    None, "--chat-template", help="Jinja chat template file replacing the checkpoint's own.", show_default=False
+    None,
+    "--chat-template",
+    exists=True,
+    dir_okay=False,
+    help="Jinja chat template file replacing the checkpoint's own.",
+    show_default=False,
 )
 
 
@@ -277,7 +282,7 @@ def chat(
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Option(
-        None, "--prompt", "-p", help="The user message. [default: read from stdin]", show_default=False
+        None, "--prompt", "-p", help="The user message. Default: read from stdin.", show_default=False
     ),
     file: Optional[Path] = typer.Option(
         None, "--file", "-f", help="A text file sent as the message (before --prompt, if both).", show_default=False
@@ -381,7 +386,7 @@ def generate(
 @app.command()
 def info(
     model: Optional[str] = typer.Argument(
-        None, help="Folder or hub id. [default: Qwen/Qwen3.5-2B]", show_default=False
+        None, metavar="MODEL", help="Folder or hub id. Default: Qwen/Qwen3.5-2B.", show_default=False
     ),
     precision: Precision = PRECISION,
 ):
@@ -398,7 +403,7 @@ def info(
     available, source = available_memory()
     dtype = DTYPE_NAMES.get(fp.compute_dtype, str(fp.compute_dtype))
     out = Console(highlight=False, soft_wrap=True)
-    out.print(f"[bold]{model or DEFAULT_MODEL}[/]: {p.precision} weights, activations and KV cache in {dtype}")
+    out.print(Text(model or DEFAULT_MODEL, style="bold") + f": {p.precision} weights, activations and KV cache in {dtype}")
     vision = f" + {gib(fp.weights['vision'])} vision (loaded only for images)" if "vision" in fp.weights else ""
     out.print(f"  weights   {gib(fp.weights['text'])} text{vision}")
     out.print(f"  state     {fp.state / 2**20:.1f} MiB per conversation ({fp.linear_layers} Gated DeltaNet layers)")
