@@ -106,24 +106,26 @@ def reference(q, k, v, g, beta, state=None, mask=None):
 # g = 1, β = 0 and k = v = 0, which makes them the identity on the state.
 #
 # Tuned at the 2B shape (16 heads, 128 x 128) on the 2-core Linux x86 CPU
-# with OpenBLAS, `python bench/recurrence.py --tune` and interleaved best-of
-# runs (a shared machine: figures moved ±30% between runs, tokens/s):
-# - T <= 3: plain fused steps (C = 1) beat a chunk (T = 3: 2670 vs 2320);
-#   from T = 4 one chunk wins (T = 8: 5260 at C = 8, 2650 at C = 1).
-# - Longer runs: C = 16 and C = 32 tie within noise (T = 512: 16.4k vs 15.4k;
-#   T = 2048, single-threaded CPU time: 127 vs 125 ms), C = 8 and C = 64 lose
-#   (T = 128: 12.0k and 11.3k vs 16.2k at C = 32). Larger C shortens the carry
-#   (each chunk reads and rewrites the whole state) but grows the C×C algebra.
-# - SEGMENT: how many tokens are prepared at once. The CPU backend allocates
-#   every temporary afresh; segment-sized ones stay in cache (128-512 tie).
+# with OpenBLAS, `python bench/recurrence.py --tune` (interleaved best-of
+# runs on a shared machine whose load moved figures by ±30%; tokens/s):
+# - T <= 3: plain fused steps (C = 1) beat a chunk (T = 3: 2980 vs 2000).
+# - T <= 32: one chunk of T (T = 8: 7220 vs 6030 at C = 4; T = 32: 13.3k
+#   vs 11.2k at C = 16).
+# - Longer: chunks of at most 16 (T = 512: 15.0k at C = 16, 10.3k at 32,
+#   8.9k at 8, 5.3k at 64; T = 2048: 11.6k, 8.6k, 10.5k, 4.5k). Larger C
+#   shortens the carry (each chunk reads and rewrites the whole state) but
+#   grows the C×C algebra; carrying pairs of 16-chunks with one state update
+#   was slower still (210 vs 155 ms of CPU at T = 2048).
+# - SEGMENT: tokens prepared at once; the CPU backend allocates every
+#   temporary afresh, and segment-sized ones stay in cache (64-2048 tie).
 # - mx.compile pays only for the decode step's small vector algebra: compiled,
-#   _prepare took 6.1 ms instead of 4.2 per 256 tokens, and the carry 12.4
+#   _prepare took 6.1 ms instead of 4.2 per 256 tokens and the carry 12.4
 #   instead of 11.2 (the CPU backend's fused kernels lose to its eager ops on
 #   these broadcast shapes).
 SEGMENT = 256
-MAX_CHUNK = 32
 SINGLE_STEP_T = 3
-
+SINGLE_CHUNK_T = 32
+MAX_CHUNK = 16
 
 def _prepare(k, q, v, g, beta):
     """lhs, rhs [N,B,H,2C,D] and the chunk decays γ_C [N,B,H,1,1].
@@ -221,11 +223,13 @@ def chunked(q, k, v, g, beta, state=None, mask=None, chunk: Optional[int] = None
 def chunk_size(T: int) -> int:
     """The chunk size :func:`chunked` uses for T steps (1: plain fused steps).
 
-    At most MAX_CHUNK, spread evenly over the chunks so that padding stays
-    below one step per chunk.
+    Past one chunk, at most MAX_CHUNK, spread evenly over the chunks so that
+    padding stays below one step per chunk.
     """
     if T <= SINGLE_STEP_T:
         return 1
+    if T <= SINGLE_CHUNK_T:
+        return T
     n = -(-T // MAX_CHUNK)
     return -(-T // n)
 
@@ -362,8 +366,10 @@ def choose_method(T: int, Dk: int, Dv: int) -> str:
     """The method ``auto`` runs for T steps of heads Dk × Dv on the default device.
 
     CPU (2-core Linux x86, OpenBLAS; ``python bench/recurrence.py``): chunked
-    wins at every T, C = 1 (plain fused steps) included, over reference and
-    ``mx.fast.gated_delta_update``, which on the CPU runs a sequential loop.
+    wins at every T, its C = 1 fused steps included, over reference and
+    ``mx.fast.gated_delta_update``, which on the CPU runs a sequential loop
+    (tokens/s at T = 1: 3030 against 2060 and 1250; at T = 2048: 11.2k
+    against 1290 and 820).
 
     Apple GPU (reasoned, not measured here): our kernel for decode and short
     runs, where one launch reads and writes the state once; MLX's own
