@@ -8,8 +8,9 @@ float32 inputs like the model's (unit keys, scaled unit queries, decays in
 (0, 1)), a random initial state. Columns: our ``reference`` (sequential),
 ``chunked`` and ``auto`` (what the model runs), mlx-lm's CPU/training path
 (``mlx_lm.models.gated_delta.gated_delta_ops``) and ``mx.fast.gated_delta_update``.
-Each figure is the best of a few runs. On Linux the run re-executes itself
-on OpenBLAS when it is installed (bench/common.py).
+Each figure is the best of several runs, the candidates interleaved round
+by round so that the ratios hold on a shared machine. On Linux the run
+re-executes itself on OpenBLAS when it is installed (bench/common.py).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@
 // Metal leaves undefined) make the launch fail.
 #pragma once
 
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 600  // macOS hides the (deprecated) ucontext calls without it
+#endif
 #include <ucontext.h>
 
 #include <cstdint>
