@@ -2,9 +2,10 @@
 
 Both load the same random-weight checkpoint at the real 2B shape. Prefill is
 timed to the first token's logits, decode per token after it, peak memory is
-MLX's. On Linux run with OpenBLAS preloaded (see the README):
+MLX's. On Linux the script re-runs itself on OpenBLAS when it is installed
+(see the README):
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python bench/model.py
+    python bench/model.py
     ... --only q4     # the slow 4-bit case alone (minutes on a CPU)
 
 Sections: fp32-long (float32, 512 and 2048-token prompts), fp32 and bf16
@@ -22,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import use_fast_blas  # noqa: E402
 from random_checkpoint import OUT, default_checkpoint  # noqa: E402
 
 SECTIONS = {
@@ -115,8 +117,9 @@ def main():
     ap.add_argument("--only", default="fp32-long,fp32,bf16", help=f"comma-separated of {', '.join(SECTIONS)}")
     ap.add_argument("--model", default="qwen3_5_2b", choices=["qwen3_5_2b", "qwen3_5_0_8b"])
     a = ap.parse_args()
+    blas = use_fast_blas()
     path = default_checkpoint(a.model)
-    print(f"checkpoint: {path}  (random weights, real shape)  mlx {mx.__version__}, device {mx.default_device()}")
+    print(f"checkpoint: {path}  (random weights, real shape)\nmlx {mx.__version__}, device {mx.default_device()}, BLAS: {blas}")
     header = f"{'case':<18}{'':>6}{'ours':>12}{'mlx-lm':>12}{'ratio':>8}"
     for name in a.only.split(","):
         s = SECTIONS[name]

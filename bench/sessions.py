@@ -1,6 +1,6 @@
 """Multi-turn prefill cost and long-context memory: ours against mlx-lm, from one run.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python bench/sessions.py
+    python bench/sessions.py          # re-runs itself on OpenBLAS when installed (Linux)
     ... --part turns      # only the scripted chat (2B shape)
     ... --part memory     # only peak memory at 1k/4k/16k (0.8B shape)
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import use_fast_blas  # noqa: E402
 from random_checkpoint import default_checkpoint  # noqa: E402
 
 USER = [
@@ -133,7 +134,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["turns", "memory", "all"], default="all")
     a = ap.parse_args()
-    print(f"mlx {mx.__version__}, device {mx.default_device()}")
+    blas = use_fast_blas()
+    print(f"mlx {mx.__version__}, device {mx.default_device()}, BLAS: {blas}")
     if a.part in ("turns", "all"):
         turns(default_checkpoint("qwen3_5_2b"))
     if a.part in ("memory", "all"):
