@@ -146,11 +146,12 @@ def smart_resize(
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (as the official processor does)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Pillow's own conversion clips 16-bit values to 255; scale them instead.
+        # Pillow's own conversion clips 16-bit values at 255; scale them down instead.
+        # (32-bit "I" images holding only 8-bit values are left as they are.)
         a = np.asarray(img).astype(np.float64)
-        if img.mode == "I" and a.max() <= 255:
-            a = a * 257
-        img = Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+        if img.mode != "I" or a.max() > 255:
+            a = a / 257
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if "A" in img.getbands() or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
