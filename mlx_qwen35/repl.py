@@ -42,11 +42,16 @@ Ctrl-C stops the answer being written (the conversation keeps what was written)
 or clears the line being typed. Arrow keys recall earlier input."""
 
 
+def rate(tokens_per_s: float) -> str:
+    """A speed in tok/s: one decimal, or two significant digits below 1 (CPU runs of big models)."""
+    return f"{tokens_per_s:.1f}" if tokens_per_s >= 1 else f"{tokens_per_s:.2g}"
+
+
 def stats_line(r) -> str:
     """One turn's figures: prompt tokens (of which prefilled now), speeds, peak memory."""
     line = (
-        f"prompt {r.prompt_tokens} tok ({r.prefilled_tokens} new) {r.prompt_tps:.1f} tok/s │ "
-        f"generated {r.generation_tokens} tok {r.generation_tps:.1f} tok/s │ peak {r.peak_memory_gb:.2f} GB"
+        f"prompt {r.prompt_tokens} tok ({r.prefilled_tokens} new) {rate(r.prompt_tps)} tok/s │ "
+        f"generated {r.generation_tokens} tok {rate(r.generation_tps)} tok/s │ peak {r.peak_memory_gb:.2f} GB"
     )
     if r.finish_reason == "length":
         line += " │ hit the token limit"
@@ -108,8 +113,8 @@ class Totals:
         return (
             f"{self.turns} turn{'s' if self.turns != 1 else ''}{stopped} │ "
             f"prompt {self.prompt} tok, {self.prefilled} prefilled at "
-            f"{self.prefilled / max(self.prefill_s, 1e-9):.1f} tok/s │ "
-            f"generated {self.generated} tok at {self.generated / max(self.generate_s, 1e-9):.1f} tok/s │ "
+            f"{rate(self.prefilled / max(self.prefill_s, 1e-9))} tok/s │ "
+            f"generated {self.generated} tok at {rate(self.generated / max(self.generate_s, 1e-9))} tok/s │ "
             f"peak {self.peak_gb:.2f} GB"
         )
 

@@ -22,7 +22,7 @@ from mlx_qwen35.repl import Repl, Totals, document_message, stats_line
 
 GREEDY = Sampling(temperature=0.0)
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[=>])")
-STATS = re.compile(r"prompt (\d+) tok \((\d+) new\) [\d.]+ tok/s │ generated (\d+) tok [\d.]+ tok/s │ peak [\d.]+ GB")
+STATS = re.compile(r"prompt (\d+) tok \((\d+) new\) [\d.e-]+ tok/s │ generated (\d+) tok [\d.e-]+ tok/s │ peak [\d.]+ GB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +346,9 @@ def result(**kw) -> GenerationResult:
 def test_stats_lines():
     assert stats_line(result()) == "prompt 37 tok (12 new) 400.0 tok/s │ generated 23 tok 23.1 tok/s │ peak 1.23 GB"
     assert stats_line(result(finish_reason="length")).endswith(" │ hit the token limit")
+    assert stats_line(result(prompt_tps=0.0687, generation_tps=0.05179)).startswith(
+        "prompt 37 tok (12 new) 0.069 tok/s │ generated 23 tok 0.052 tok/s"
+    )
     totals = Totals()
     totals.add(result())  # 12 prefilled in 0.03 s, 23 generated in ~0.996 s
     totals.add(result(prompt_tokens=80, prefilled_tokens=48, prompt_tps=960.0, generation_tokens=46,
