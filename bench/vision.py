@@ -3,26 +3,31 @@
 Random weights at the real 2B vision shape (24 blocks, width 1024, 16 heads,
 MLP 4096, output 2048), float32. Each image is preprocessed once by our
 processor; the time is the tower alone, from patches to merged tokens, the
-median of a few interleaved runs after a warm-up. On Linux run with OpenBLAS preloaded:
+best of a few interleaved runs after a warm-up on a small image (which also
+checks that both towers agree). On Linux the script re-runs itself on
+OpenBLAS when it is installed (see the README):
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python bench/vision.py
-    ... --sizes 448          # only the small image
+    python bench/vision.py
+    ... --sizes 448 --rounds 3      # the 1344×1344 encode takes many minutes on a 2-core CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from mlx_qwen35.config import VisionConfig
-from mlx_qwen35.model.vision import VisionModel
-from mlx_qwen35.processor import process_images
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import race, use_fast_blas  # noqa: E402
+
+from mlx_qwen35.config import VisionConfig  # noqa: E402
+from mlx_qwen35.model.vision import VisionModel  # noqa: E402
+from mlx_qwen35.processor import process_images  # noqa: E402
 
 # NOTES.md §1 / tensor_shapes.json: Qwen3.5-2B's vision_config.
 SHAPE = VisionConfig(
@@ -62,44 +67,34 @@ def towers():
     return ours, theirs
 
 
-def timed(fns, repeats: int):
-    """Median seconds of each function (runs interleaved, so load drifts hit all alike), and first outputs."""
-    times, outputs = [[] for _ in fns], []
-    for r in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            out = fn()
-            mx.eval(out)
-            times[i].append(time.perf_counter() - t0)
-            if r == 0:
-                outputs.append(out)
-    return [statistics.median(t) for t in times], outputs
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 1344], help="square image sides")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tower and size")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs per tower and size (best is kept)")
     args = parser.parse_args()
+    blas = use_fast_blas()
 
     ours, theirs = towers()
     rng = np.random.default_rng(0)
 
-    def encode(side):
+    def encoders(side: int):
         img = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
         pv, grid = process_images([img])
         pixels, grid_mx = mx.array(pv), mx.array(grid)
-        return pv.shape[0], [lambda: ours(pixels, grid), lambda: theirs(pixels, grid_mx)[0]]
+        fns = {"ours": lambda: ours(pixels, grid), "mlx-vlm": lambda: theirs(pixels, grid_mx)[0]}
+        return pv.shape[0], fns
 
-    timed(encode(64)[1], 1)  # warm-up: allocator, kernels
-    print(f"vision tower, Qwen3.5-2B shape, float32, {mx.default_device()}, median of {args.repeats}")
-    print(f"{'image':>11} {'patches':>8} {'tokens':>7} {'ours s':>8} {'mlx-vlm s':>10} {'ratio':>6} {'max |Δ|':>9}")
+    _, small = encoders(64)
+    diff = float(mx.abs(small["ours"]() - small["mlx-vlm"]()).max())
+    print(f"mlx {mx.__version__}, device {mx.default_device()}, BLAS: {blas}")
+    print(f"vision tower at the Qwen3.5-2B shape, float32, random weights; outputs agree to max |Δ| {diff:.1e}")
+    print(f"{'image':>11} {'patches':>8} {'tokens':>7} {'ours s':>9} {'mlx-vlm s':>10} {'ratio':>7}")
     for side in args.sizes:
-        patches, fns = encode(side)
-        (t_ours, t_theirs), (a, b) = timed(fns, args.repeats)
+        patches, fns = encoders(side)
+        best = race(fns, rounds=args.rounds, warmups=small)
         print(
-            f"{side:>5}×{side:<5} {patches:>8} {a.shape[0]:>7} {t_ours:>8.3f} {t_theirs:>10.3f} "
-            f"{t_theirs / t_ours:>5.2f}× {float(mx.abs(a - b).max()):>9.2e}",
+            f"{side:>5}×{side:<5} {patches:>8} {patches // 4:>7} {best['ours']:>9.3f} {best['mlx-vlm']:>10.3f} "
+            f"{best['mlx-vlm'] / best['ours']:>6.2f}×",
             flush=True,
         )
     print("ratio = mlx-vlm time / our time (above 1: ours is faster)")
