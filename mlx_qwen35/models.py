@@ -26,10 +26,7 @@ from .loading import resolve
 
 DEFAULT_MODEL = "Qwen/Qwen3.5-2B"
 PRECISIONS = ("auto", "float32", "bfloat16", "4bit", "8bit")
-CPU_NOTE = (
-    "CPU backend: running in float32, the fastest precision here "
-    "(float32 matmuls go to BLAS; MLX's bf16 and quantized ones run on much slower generic kernels)"
-)
+CPU_NOTE = "CPU backend: running in float32, the fastest here (float32 matmuls use BLAS; bf16 and quantized ones do not)"
 DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
