@@ -247,6 +247,8 @@ def process_images(
     images: Sequence[ImageSource], settings: VisionSettings = IMAGE_SETTINGS
 ) -> tuple[np.ndarray, np.ndarray]:
     """``pixel_values`` [Σ h·w, C·T·P·P] float32 and ``image_grid_thw`` [n, 3] int64."""
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
     patches, grids = [], []
     for source in images:
         img = load_image(source)

@@ -87,6 +87,9 @@ def test_several_images_equal_transformers(hf_images):
     pv, grid = process_images(imgs)
     np.testing.assert_array_equal(grid, ref["image_grid_thw"])
     np.testing.assert_array_equal(pv, ref["pixel_values"])
+    one, one_grid = process_images(imgs[0])  # a lone image needs no list
+    np.testing.assert_array_equal(one_grid, ref["image_grid_thw"][:1])
+    np.testing.assert_array_equal(one, ref["pixel_values"][: one.shape[0]])
 
 
 def test_settings_from_a_checkpoint_folder(tmp_path):
