@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import ArraysCache
 
 from .errors import Qwen35Error
-from .generate import Generation, GenerationResult, Sampling, default_sampling, run
+from .generate import Generation, GenerationResult, Sampling, VideoSource, default_sampling, run
+from .media import Media, load_media, prompt_inputs, user_content
 from .model import cache as hybrid
+from .processor import ImageSource
 from .reasoning import thinking_opened
 from .tokenizer import render_text
 from .weights import check_safetensors
@@ -85,21 +88,38 @@ class Chat:
         """Forget the conversation (settings stay)."""
         self.messages = []
         self.history = []
+        self.media: list[Media] = []  # the conversation's images and videos, in prompt order
         self.cache = self.model.make_cache(self.kv_bits)
         self.tokens: list[int] = []  # the prompt the snapshots belong to
         self.snapshots: list[tuple[int, hybrid.Snapshot]] = [(0, hybrid.snapshot(self.cache))]
 
-    def send(self, content: str, *, stop: Sequence[str] = ()) -> Generation:
-        """Stream the reply to a user message; the turn joins the conversation when it ends."""
+    def send(
+        self,
+        content: str,
+        *,
+        images: Sequence[ImageSource] = (),
+        videos: Sequence[VideoSource] = (),
+        stop: Sequence[str] = (),
+    ) -> Generation:
+        """Stream the reply to a user message, with optional images and videos.
+
+        The turn joins the conversation when the returned generation ends
+        (or is closed early).
+        """
         if not isinstance(content, str) or not content.strip():
             raise Qwen35Error("message: empty")
-        user = {"role": "user", "content": content}
+        media = load_media(self.model, images, videos)
+        user = {"role": "user", "content": user_content(content, media)}
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages + [user]
         text = render_text(self.tokenizer, messages, enable_thinking=self.think)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        inputs = prompt_inputs(
+            self.model, self.tokenizer, self.tokenizer.encode(text, add_special_tokens=False), self.media + media
+        )
+        ids = inputs.ids
         start = self._restore(ids)
         stops = [i for i, t in enumerate(ids) if t == IM_START and i > start]
         stops += range(start + SNAPSHOT_EVERY, len(ids), SNAPSHOT_EVERY)
+        tail = lambda x, axis: None if x is None else x[(slice(None),) * axis + (slice(start, None),)]
         inner = run(
             self.model,
             self.tokenizer,
@@ -112,24 +132,31 @@ class Chat:
             stop=stop,
             seed=self.seed,
             start=start,
-            prefill_kwargs={"stops": [s - start for s in stops], "on_stop": lambda n: self._snap(start + n)},
+            prefill_kwargs={
+                "stops": [s - start for s in stops],
+                "on_stop": lambda n: self._snap(start + n),
+                "input_embeddings": tail(inputs.embeddings, 1),
+                "positions": tail(inputs.positions, 2),
+            },
+            rope_delta=inputs.rope_delta,
         )
         self.tokens = ids
-        return Generation(self._record(inner, user), inner._holder)
+        return Generation(self._record(inner, user, media), inner._holder)
 
     def ask(self, content: str, **kwargs) -> GenerationResult:
-        """Send a message and return the whole reply."""
+        """Send a message (``send``'s arguments) and return the whole reply."""
         gen = self.send(content, **kwargs)
         for _ in gen:
             pass
         return gen.result
 
-    def _record(self, inner: Generation, user: dict):
+    def _record(self, inner: Generation, user: dict, media: list[Media]):
         try:
             yield from inner
         finally:
             r = inner.result
             if r is not None:
+                self.media += media
                 reply = {"role": "assistant", "content": r.text}
                 if r.reasoning:
                     reply["reasoning_content"] = r.reasoning
@@ -165,6 +192,8 @@ class Chat:
             arrays.update(
                 {f"snap.{j}.{i}.{k}": s[k] for i, s in enumerate(snap) if s and s[0] is not None for k in (0, 1)}
             )
+        for j, m in enumerate(self.media):
+            arrays[f"media.{j}"] = m.encode(self.model)
         meta = {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
@@ -181,6 +210,7 @@ class Chat:
             },
             "tokens": self.tokens,
             "snapshots": [n for n, _ in self.snapshots],
+            "media": [{"kind": m.kind, "grid": m.grid.tolist(), "timestamps": m.timestamps} for m in self.media],
             "kv_offsets": [c.offset if not isinstance(c, ArraysCache) else None for c in self.cache],
         }
         mx.eval(list(arrays.values()))
@@ -229,6 +259,10 @@ class Chat:
         )
         chat.messages = meta["messages"]
         chat.tokens = meta["tokens"]
+        chat.media = [
+            Media(m["kind"], np.array(m["grid"]), timestamps=m["timestamps"], features=arrays[f"media.{j}"])
+            for j, m in enumerate(meta["media"])
+        ]
         _set_cache(chat.cache, arrays, "cache", meta["kv_offsets"])
         chat.snapshots = []
         for j, n in enumerate(meta["snapshots"]):

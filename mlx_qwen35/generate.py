@@ -11,15 +11,20 @@ from __future__ import annotations
 import time
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import Qwen35Error
+from .media import Media, load_media, prompt_inputs, user_content
+from .model import Model
 from .model import cache as hybrid
+from .processor import ImageSource
 from .reasoning import ReasoningSplitter, thinking_opened
 from .tokenizer import STOP_TOKEN_IDS, render_text
 
@@ -328,13 +333,14 @@ def decode_tokens(
 # The public API.
 
 Prompt = Union[str, Sequence[dict]]
+VideoSource = Union[str, Path, Sequence[ImageSource]]
 
 
-def messages_of(prompt: Prompt, system: Optional[str] = None) -> list[dict]:
+def messages_of(prompt: Prompt, system: Optional[str] = None, media: Sequence[Media] = ()) -> list[dict]:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise Qwen35Error("prompt: empty")
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": user_content(prompt, media)}]
     else:
         messages = [dict(m) for m in prompt]
         if not messages:
@@ -542,8 +548,8 @@ def _run(holder, model, tokenizer, prompt, cache, reasoning, sampling, max_token
 
 
 def stream_generate(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: TokenizerWrapper,
     prompt: Prompt,
     *,
     think: bool = False,
@@ -553,6 +559,9 @@ def stream_generate(
     thinking_budget: Optional[int] = None,
     stop: Sequence[str] = (),
     seed: Optional[int] = None,
+    images: Sequence[ImageSource] = (),
+    videos: Sequence[VideoSource] = (),
+    kv_bits: Optional[int] = None,
 ) -> Generation:
     """Stream the reply to ``prompt`` (a user message, or a list of chat messages).
 
@@ -560,26 +569,52 @@ def stream_generate(
     or off. Iterate the returned :class:`Generation` for :class:`Piece`
     objects; its ``result`` holds the texts and statistics afterwards.
     ``sampling`` defaults to the model card's preset for the thinking mode.
+    ``images`` (paths or PIL images) and ``videos`` (animations, folders of
+    frames, or lists of images) join a string prompt before its text; a
+    message list places ``{"type": "image"}`` items itself and passes the
+    files here in the same order. ``kv_bits`` (4 or 8) quantizes the
+    attention KV cache.
     """
-    text = render_text(tokenizer, messages_of(prompt, system), enable_thinking=think)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    media = load_media(model, images, videos)
+    text = render_text(tokenizer, messages_of(prompt, system, media), enable_thinking=think)
+    inputs = prompt_inputs(model, tokenizer, tokenizer.encode(text, add_special_tokens=False), media)
     return run(
         model,
         tokenizer,
-        ids,
-        model.make_cache(),
+        inputs.ids,
+        model.make_cache(kv_bits),
         reasoning=thinking_opened(text),
         sampling=sampling or default_sampling(think),
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         stop=stop,
         seed=seed,
+        prefill_kwargs={"input_embeddings": inputs.embeddings, "positions": inputs.positions},
+        rope_delta=inputs.rope_delta,
     )
 
 
-def generate(model, tokenizer, prompt: Prompt, **kwargs) -> GenerationResult:
-    """Generate the whole reply; see :func:`stream_generate` for the arguments."""
-    gen = stream_generate(model, tokenizer, prompt, **kwargs)
+def generate(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    prompt: Prompt,
+    *,
+    think: bool = False,
+    system: Optional[str] = None,
+    max_tokens: int = 4096,
+    sampling: Optional[Sampling] = None,
+    thinking_budget: Optional[int] = None,
+    stop: Sequence[str] = (),
+    seed: Optional[int] = None,
+    images: Sequence[ImageSource] = (),
+    videos: Sequence[VideoSource] = (),
+    kv_bits: Optional[int] = None,
+) -> GenerationResult:
+    """Generate the whole reply; the arguments are :func:`stream_generate`'s."""
+    gen = stream_generate(
+        model, tokenizer, prompt, think=think, system=system, max_tokens=max_tokens, sampling=sampling,
+        thinking_budget=thinking_budget, stop=stop, seed=seed, images=images, videos=videos, kv_bits=kv_bits,
+    )
     for _ in gen:
         pass
     return gen.result

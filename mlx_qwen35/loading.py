@@ -83,6 +83,7 @@ def load_model(
     if config.quantization:
         apply_quantization(model, config.quantization, ckpt.tensors)
     load_into(model, drop_unused(ckpt, model), folder)
+    model.source = folder  # where the preprocessor settings for images live
     if dtype is not None:
         cast(model, dtype)
     if not lazy:

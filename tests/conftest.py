@@ -77,16 +77,21 @@ def token_ids() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory, qwen35_tokenizer_dir) -> Path:
-    """A tiny random model with the real vocabulary, tokenizer and chat template."""
+def chat_hf(tmp_path_factory, qwen35_tokenizer_dir) -> HFCheckpoint:
+    """A tiny random model with the real vocabulary, tokenizer and chat template, and its transformers twin."""
     import shutil
 
     path = tmp_path_factory.mktemp("chat_model")
-    build_hf_checkpoint(path, text=dict(TEXT, vocab_size=248320), vision=VISION, with_mtp=False)
+    model = build_hf_checkpoint(path, text=dict(TEXT, vocab_size=248320), vision=VISION, with_mtp=False)
     for f in qwen35_tokenizer_dir.iterdir():
         if f.name != "config.json":
             shutil.copyfile(f, path / f.name)
-    return path
+    return HFCheckpoint(path, model)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(chat_hf) -> Path:
+    return chat_hf.path
 
 
 @pytest.fixture(scope="session")

@@ -98,21 +98,27 @@ class Model(nn.Module):
         ``<|video_pad|>`` per merged token (``processor.expand_vision_tokens``);
         features fill them in order, images and videos separately.
         """
+        encode = lambda pixels, grid: None if pixels is None else self.encode_vision(pixels, grid)
+        return self.embed_with_features(
+            input_ids, encode(pixel_values, image_grid_thw), encode(pixel_values_videos, video_grid_thw)
+        )
+
+    def embed_with_features(self, input_ids, image_features=None, video_features=None) -> mx.array:
+        """As :meth:`embed_multimodal`, from vision features already encoded."""
         ids = np.asarray(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
         h = self.language_model.embed_tokens(mx.array(ids))
         B, T, D = h.shape
         flat = h.reshape(B * T, D)
-        for kind, token, pixels, grid in (
-            ("image", self.config.image_token_id, pixel_values, image_grid_thw),
-            ("video", self.config.video_token_id, pixel_values_videos, video_grid_thw),
+        for kind, token, features in (
+            ("image", self.config.image_token_id, image_features),
+            ("video", self.config.video_token_id, video_features),
         ):
             where = np.flatnonzero(ids.reshape(-1) == token)
-            if pixels is None:
+            if features is None:
                 if where.size:
                     raise Qwen35Error(f"input_ids: {where.size} <|{kind}_pad|> tokens but no {kind} was given")
                 continue
-            features = self.encode_vision(pixels, grid)
             if features.shape[0] != where.size:
                 raise Qwen35Error(
                     f"input_ids: {where.size} <|{kind}_pad|> tokens, but the {kind}s give "
