@@ -304,6 +304,10 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not output."),
     kv_bits: Optional[int] = KV_BITS,
     chat_template: Optional[Path] = TEMPLATE,
+    image: list[Path] = typer.Option([], "--image", help="An image to look at (repeatable; they precede the text)."),
+    video: list[Path] = typer.Option(
+        [], "--video", help="A video: an animated GIF or a folder of frames (repeatable)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object (reasoning, text, finish_reason, stats) instead of streaming."
     ),
@@ -338,7 +342,7 @@ def generate(
         m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
         max_tokens=max_tokens, kv_bits=kv_bits, seed=seed,
     )
-    gen = run_or_fail(conversation.send, message, stop=stop)
+    gen = run_or_fail(conversation.send, message, images=image, videos=video, stop=stop)
     open_line = {"reasoning": False, "answer": False}  # text written without a final newline
     try:
         with wired(m):

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .errors import Qwen35Error
+from .processor import load_image, load_video
 
 PROMPT = "› "
 MORE = "… "
@@ -28,6 +29,8 @@ Type a message and press Enter; the answer streams, reasoning dimmed above it.
   /max N              longest answer, in tokens (reasoning included)
   /system TEXT        set the system prompt (/system alone removes it)
   /file PATH [TEXT]   send a text file, followed by TEXT if given (quote a PATH with spaces)
+  /image PATH         attach an image to the next message (repeatable)
+  /video PATH         attach a video to the next message: an animated GIF or a folder of frames
   /save PATH          save the conversation and its cache
   /load PATH          resume a saved conversation (with its settings)
   /reset              start a new conversation
@@ -127,12 +130,15 @@ class Repl:
         self.out = console
         self.read = read
         self.totals = Totals()
+        self.attached: dict[str, list] = {"images": [], "videos": []}  # for the next message
         self.commands: dict[str, Callable[[str], Optional[bool]]] = {
             "think": self.cmd_think,
             "budget": self.cmd_budget,
             "max": self.cmd_max,
             "system": self.cmd_system,
             "file": self.cmd_file,
+            "image": self.cmd_image,
+            "video": self.cmd_video,
             "save": self.cmd_save,
             "load": self.cmd_load,
             "reset": self.cmd_reset,
@@ -187,8 +193,9 @@ class Repl:
 
     def send(self, content: str) -> None:
         """One turn: stream the reply, then its figures."""
+        attached, self.attached = self.attached, {"images": [], "videos": []}
         try:
-            gen = self.chat.send(content)
+            gen = self.chat.send(content, **attached)
         except Qwen35Error as e:
             self.error(str(e))
             return
@@ -269,6 +276,22 @@ class Repl:
         self.note(f"sending {words[0]} ({len(content):,} characters)")
         self.send(content)
 
+    def cmd_image(self, arg: str) -> None:
+        self._attach("image", arg, load_image)
+
+    def cmd_video(self, arg: str) -> None:
+        self._attach("video", arg, load_video)
+
+    def _attach(self, kind: str, arg: str, check: Callable) -> None:
+        words = shlex.split(arg) if arg else []
+        if len(words) != 1:
+            raise Qwen35Error(f"/{kind}: expected one PATH (quote a path with spaces)")
+        path = Path(words[0]).expanduser()
+        check(path)  # a bad file is reported now, not with the next message
+        self.attached[f"{kind}s"].append(path)
+        n = sum(len(v) for v in self.attached.values())
+        self.note(f"{kind} {path.name} attached to the next message ({n} in all)")
+
     def cmd_save(self, arg: str) -> None:
         if not arg:
             raise Qwen35Error("/save: expected a PATH")
@@ -287,6 +310,7 @@ class Repl:
 
     def cmd_reset(self, arg: str) -> None:
         self.chat.reset()
+        self.attached = {"images": [], "videos": []}
         self.note("new conversation (settings kept)")
 
     def cmd_stats(self, arg: str) -> None:

@@ -336,3 +336,28 @@ def test_info_command(chat_model_dir):
         row = next(line for line in r.stdout.splitlines() if line.strip().startswith(label + " "))
         assert f"{fp.kv_per_token[bits] / 1024:.2f} KiB" in row and "(the model's limit)" in row
     assert f"{fp.state / 2**20:.1f} MiB per conversation (3 Gated DeltaNet layers)" in r.stdout
+
+
+def test_generate_with_images_and_a_video(loaded, chat_model_dir, tmp_path):
+    from PIL import Image
+
+    model, tok = loaded
+    rng = np.random.default_rng(0)
+    img = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(img)
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(frames / f"{i}.png")
+    r = invoke("generate", "--model", chat_model_dir, "-p", "What is this?", "--image", img, "--video", frames,
+               "--temp", "0", "--max-tokens", 6, "--json")
+    assert r.exit_code == 0, r.stderr
+    api = mlx_qwen35.generate(model, tok, "What is this?", images=[img], videos=[frames],
+                              sampling=greedy("instruct"), max_tokens=6)
+    data = json.loads(r.stdout)
+    assert data["text"] == api.text and data["stats"]["prompt_tokens"] == api.prompt_tokens
+    text_only = mlx_qwen35.generate(model, tok, "What is this?", sampling=greedy("instruct"), max_tokens=1)
+    assert api.prompt_tokens > text_only.prompt_tokens + 10  # the merged image and video tokens
+    (tmp_path / "notes.txt").write_text("words")
+    line = one_error_line(invoke("generate", "--model", chat_model_dir, "-p", "hi", "--image", tmp_path / "notes.txt"))
+    assert f"{tmp_path / 'notes.txt'}" in line

@@ -357,3 +357,29 @@ def test_stats_lines():
         "2 turns (1 stopped) │ prompt 117 tok, 60 prefilled at 750.0 tok/s │ "
         f"generated 69 tok at {69 / (23 / 23.1 + 46 / 46.2):.1f} tok/s │ peak 2.50 GB"
     )
+
+
+def test_image_and_video_attach_to_the_next_message(chat, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "cat picture.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(img)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (i * 60, 0, 0)).save(frames / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("words")
+    repl = repl_for(
+        chat,
+        [f'/image "{img}"', f"/video {frames}", f"/image {tmp_path / 'notes.txt'}", "/image", "Describe them.",
+         "And now?"],
+    )
+    repl.run()
+    out = output(repl)
+    assert "image cat picture.png attached to the next message (1 in all)" in out
+    assert "video frames attached to the next message (2 in all)" in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "notes.txt" in errors[0] and errors[1].startswith("error: /image: expected one PATH")
+    assert [m.kind for m in chat.media] == ["image", "video"]  # attached to the first message only
+    first, second = chat.messages[0]["content"], chat.messages[2]["content"]
+    assert [c["type"] for c in first] == ["image", "video", "text"] and second == "And now?"
