@@ -304,15 +304,20 @@ def parse_config(d: dict, source: str = "config.json") -> ModelConfig:
         raise Qwen35Error(f"{source}: {e}") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``, or a Qwen35Error naming the file."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Qwen35Error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise Qwen35Error(f"{path}: expected a JSON object")
+    return d
+
+
 def load_config(folder: Path) -> ModelConfig:
     """Read and parse ``folder/config.json``."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise Qwen35Error(f"{path}: not found (a Qwen3.5 checkpoint folder has a config.json)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Qwen35Error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise Qwen35Error(f"{path}: expected a JSON object")
-    return parse_config(d, str(path))
+    return parse_config(read_json_object(path), str(path))

@@ -594,27 +594,9 @@ def stream_generate(
     )
 
 
-def generate(
-    model: Model,
-    tokenizer: TokenizerWrapper,
-    prompt: Prompt,
-    *,
-    think: bool = False,
-    system: Optional[str] = None,
-    max_tokens: int = 4096,
-    sampling: Optional[Sampling] = None,
-    thinking_budget: Optional[int] = None,
-    stop: Sequence[str] = (),
-    seed: Optional[int] = None,
-    images: Sequence[ImageSource] = (),
-    videos: Sequence[VideoSource] = (),
-    kv_bits: Optional[int] = None,
-) -> GenerationResult:
-    """Generate the whole reply; the arguments are :func:`stream_generate`'s."""
-    gen = stream_generate(
-        model, tokenizer, prompt, think=think, system=system, max_tokens=max_tokens, sampling=sampling,
-        thinking_budget=thinking_budget, stop=stop, seed=seed, images=images, videos=videos, kv_bits=kv_bits,
-    )
+def generate(model: Model, tokenizer: TokenizerWrapper, prompt: Prompt, **options: Any) -> GenerationResult:
+    """Generate the whole reply; ``options`` are :func:`stream_generate`'s keyword arguments."""
+    gen = stream_generate(model, tokenizer, prompt, **options)
     for _ in gen:
         pass
     return gen.result

@@ -11,7 +11,6 @@ the official processor writes before each pair.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json_object
 from .errors import Qwen35Error
 
 ImageSource = Union[str, Path, Image.Image]
@@ -62,12 +61,7 @@ VIDEO_SETTINGS = VisionSettings(min_pixels=4096, max_pixels=25165824)
 def _read_settings(path: Path, default: VisionSettings) -> VisionSettings:
     if not path.is_file():
         return default
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Qwen35Error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise Qwen35Error(f"{path}: expected a JSON object")
+    d = read_json_object(path)
     size = d.get("size") or {}
     # Older files give the pixel budget as min_pixels / max_pixels.
     fields = {
