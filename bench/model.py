@@ -174,7 +174,8 @@ def main():
                 o, r = res["ours", T][i], res["mlx-lm", T][i]
                 print(f"{label + ' T=' + str(T):<18}{unit:>6}{o:>12.2f}{r:>12.2f}{o / r:>7.2f}x", flush=True)
             same = sum(a == b for a, b in zip(tokens["ours", T], tokens["mlx-lm", T]))
-            print(f"{'same tokens':<18}{'':>6}{same:>12} of {len(tokens['ours', T])} (greedy, random weights)")
+            why = "each side's own 4-bit conversion" if s["dtype"] == "q4" else "same weights"
+            print(f"{'same tokens':<18}{'':>6}{same:>12} of {len(tokens['ours', T])} (greedy; {why})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The CPU-specific numerics of the text model against float64 references.
+"""The text model's CPU numerics (mlx_qwen35.model.cpu) against float64 references.
 
 - ``project``: half-precision weights multiplied in float32, quantized ones
   dequantized in blocks (every affine bit width, every group size): within the
@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qwen35.model import text
+from mlx_qwen35.model import cpu
 
 f32 = mx.float32
 
@@ -43,7 +43,7 @@ def test_project_quantized(bits, group_size):
     w = f64(mx.dequantize(q.weight, q.scales.astype(f32), q.biases.astype(f32), group_size=group_size, bits=bits))
     for rows in (1, 5):
         x = mx.random.normal((2, rows, 256)).astype(mx.bfloat16)
-        y = text.project(q, x)
+        y = cpu.project(q, x)
         assert y.shape == (2, rows, 700) and y.dtype == mx.bfloat16
         ref = exact_product(x, w, q.bias)
         assert np.abs(f64(y) - ref).max() <= 4e-3 * np.abs(ref).max()
@@ -51,20 +51,20 @@ def test_project_quantized(bits, group_size):
 
 def test_project_quantized_head_blocks(monkeypatch):
     """Many row blocks (the output head's case), each after the last."""
-    monkeypatch.setattr(text, "BLOCK_ELEMS", 128 * 64)
+    monkeypatch.setattr(cpu, "BLOCK_ELEMS", 128 * 64)
     e = nn.QuantizedEmbedding.from_embedding(nn.Embedding(1000, 128), group_size=64, bits=6)
     w = f64(mx.dequantize(e.weight, e.scales, e.biases, group_size=64, bits=6))
     h = mx.random.normal((1, 128))
     ref = f64(h) @ w.T
-    assert np.linalg.norm(f64(text.project(e, h)) - ref) / np.linalg.norm(ref) < 1e-6
+    assert np.linalg.norm(f64(cpu.project(e, h)) - ref) / np.linalg.norm(ref) < 1e-6
 
 
-@pytest.mark.parametrize("rows", [1, text.HALF_BLAS_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, cpu.HALF_BLAS_ROWS + 1])
 def test_project_half_precision(rows):
     lin = nn.Linear(300, 1100, bias=True)
     lin.set_dtype(mx.bfloat16)
     x = mx.random.normal((1, rows, 300)).astype(mx.bfloat16)
-    y = text.project(lin, x)
+    y = cpu.project(lin, x)
     assert y.shape == (1, rows, 1100) and y.dtype == mx.bfloat16
     ref = exact_product(x, f64(lin.weight), lin.bias)
     assert np.abs(f64(y) - ref).max() <= 4e-3 * np.abs(ref).max()
@@ -73,9 +73,9 @@ def test_project_half_precision(rows):
 def test_project_float32_is_the_layer():
     lin = nn.Linear(64, 48, bias=True)
     x = mx.random.normal((3, 64))
-    assert mx.array_equal(text.project(lin, x), lin(x)).item()
+    assert mx.array_equal(cpu.project(lin, x), lin(x)).item()
     emb = nn.Embedding(50, 64)
-    assert mx.array_equal(text.project(emb, x), emb.as_linear(x)).item()
+    assert mx.array_equal(cpu.project(emb, x), emb.as_linear(x)).item()
 
 
 # Every result here is a normal float32; beyond, results are exact limits.
@@ -95,17 +95,17 @@ def test_sigmoid_mul():
     u = np.linspace(-3, 3, GRID.size).astype(np.float32)
     u[u == 0] = 1
     ref = sigmoid64(GRID) * u
-    assert max_rel_err(text.sigmoid_mul(mx.array(GRID), mx.array(u)), ref) < 1e-6
-    limits = text.sigmoid_mul(mx.array(BEYOND), mx.ones(BEYOND.shape))
+    assert max_rel_err(cpu.sigmoid_mul(mx.array(GRID), mx.array(u)), ref) < 1e-6
+    limits = cpu.sigmoid_mul(mx.array(BEYOND), mx.ones(BEYOND.shape))
     assert f64(limits).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_swiglu():
     x = GRID[GRID != 0]
     ref = x * sigmoid64(x) * 0.5
-    assert max_rel_err(text.swiglu(mx.array(x), mx.full(x.shape, 0.5)), ref) < 1e-6
+    assert max_rel_err(cpu.swiglu(mx.array(x), mx.full(x.shape, 0.5)), ref) < 1e-6
     finite = BEYOND[np.isfinite(BEYOND)]
-    limits = f64(text.swiglu(mx.array(finite), mx.full(finite.shape, 0.5)))
+    limits = f64(cpu.swiglu(mx.array(finite), mx.full(finite.shape, 0.5)))
     assert limits.tolist() == np.where(finite > 0, finite.astype(np.float64) * 0.5, 0).tolist()
 
 
@@ -115,7 +115,7 @@ def test_softmax_with_masked_keys():
     s[..., 200:] = -np.inf
     ref = np.exp(s - s.max(-1, keepdims=True))
     ref /= ref.sum(-1, keepdims=True)
-    p = f64(text.softmax(mx.array(s)))
+    p = f64(cpu.softmax(mx.array(s)))
     assert np.all(p[..., 200:] == 0)
     live = ref > 1e-30
     assert (np.abs(p - ref)[live] / ref[live]).max() < 1e-6
@@ -133,11 +133,11 @@ def attention64(q, k, v, scale):
     return (p / p.sum(-1, keepdims=True)) @ v
 
 
-@pytest.mark.parametrize("L, past", [(1, 40), (3 * text.ATTENTION_BLOCK - 5, 0), (text.ATTENTION_BLOCK + 7, 33)])
+@pytest.mark.parametrize("L, past", [(1, 40), (3 * cpu.ATTENTION_BLOCK - 5, 0), (cpu.ATTENTION_BLOCK + 7, 33)])
 def test_cpu_attention(L, past):
     rng = np.random.default_rng(L)
     q = mx.array(rng.standard_normal((2, 4, L, 32)).astype(np.float32))
     k, v = (mx.array(rng.standard_normal((2, 2, past + L, 32)).astype(np.float32)) for _ in range(2))
-    out = text.cpu_attention(q, k, v, 32**-0.5, causal=L > 1)
+    out = cpu.cpu_attention(q, k, v, 32**-0.5, causal=L > 1)
     ref = attention64(q, k, v, 32**-0.5)
     assert np.linalg.norm(f64(out) - ref) / np.linalg.norm(ref) < 1e-5

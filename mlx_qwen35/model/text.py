@@ -8,8 +8,6 @@ so plain RMSNorms apply them.
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache, partial
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -18,218 +16,8 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from ..config import TextConfig
 from ..gated_delta import gated_delta_update
+from .cpu import cpu_attention, on_cpu, project, sigmoid_mul, swiglu
 from .rope import MRoPE
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
-# --------------------------------------------------------------------------- projections
-#
-# On MLX's CPU backend only float32 matmuls reach BLAS. Half-precision ones
-# run a plain loop, and quantized_matmul with half-precision activations both
-# crawls and accumulates in bfloat16 (3.7 % typical relative error against
-# the exact product, vs 6e-7 with float32 activations). On the CPU,
-# :func:`project` therefore multiplies in float32 through BLAS, casting or
-# dequantizing the weight a block of rows at a time (6144 x 2048 weight,
-# 2-core x86 with OpenBLAS):
-#
-#   bfloat16, 128 rows:   672 ms native, 53 ms cast to float32
-#   bfloat16, 1 row:      10.7 ms native, 32 ms cast (so below HALF_BLAS_ROWS: native)
-#   4-bit, 1 row:         99 ms quantized_matmul, 33 ms dequantized in blocks
-#   4-bit, 16 rows:       1780 ms quantized_matmul, 95 ms dequantized in blocks
-#
-# Blocks of BLOCK_ELEMS weights (4 MB in float32) stay in the range that
-# malloc reuses; whole-matrix temporaries are mapped afresh each time, and
-# their page faults cost more than the multiply at one row. Elsewhere (Metal)
-# the layers run natively.
-BLOCK_ELEMS = 1 << 20
-HALF_BLAS_ROWS = 8
-
-
-@lru_cache(maxsize=None)
-def _dequantizer(bits: int, group_size: int):
-    """(dtype to view the packed weight as, compiled affine dequantization of its rows to float32).
-
-    MLX packs values as a little-endian bit stream. A unit of ``width``
-    elements holds ``vals`` whole values: one uint32 word when the bit width
-    divides 32 (4-bit: 8 values), else a few bytes (6-bit: 3 bytes, 4
-    values). Scale and bias apply in float32, so the weights are exact, not
-    rounded to the scales' dtype as ``mx.dequantize`` leaves them.
-    """
-    if 32 % bits == 0:
-        view, elem_bits, width, vals = mx.uint32, 32, 1, 32 // bits
-    else:
-        g = math.gcd(bits, 8)
-        view, elem_bits, width, vals = mx.uint8, 8, bits // g, 8 // g
-    utype = mx.uint64 if width * elem_bits > 32 else mx.uint32
-    shifts = (mx.arange(vals) * bits).astype(utype)
-    mask = (1 << bits) - 1
-
-    def dequantize(packed, scales, biases):
-        rows = packed.shape[0]
-        packed = packed.reshape(rows, -1, width)
-        units = packed[..., 0].astype(utype)
-        for i in range(1, width):
-            units = units | (packed[..., i].astype(utype) << (elem_bits * i))
-        q = (units.reshape(rows, -1, group_size // vals, 1) >> shifts) & mask
-        w = q.astype(mx.float32) * scales[..., None, None].astype(mx.float32)
-        return (w + biases[..., None, None].astype(mx.float32)).reshape(rows, -1)
-
-    return view, mx.compile(dequantize)
-
-
-def project(layer: nn.Module, x: mx.array) -> mx.array:
-    """``layer(x)`` for a (quantized) Linear, or a (quantized) Embedding used as the output head."""
-    native = layer.as_linear if hasattr(layer, "as_linear") else layer
-    if not _on_cpu():
-        return native(x)
-    w = layer.weight
-    if "scales" in layer:
-        if layer.mode != "affine":
-            return native(x)
-        view, deq = _dequantizer(layer.bits, layer.group_size)
-        packed = mx.view(w, view)
-        block = lambda i, j: deq(packed[i:j], layer.scales[i:j], layer.biases[i:j])
-        dtype = x.dtype
-    elif w.dtype in (mx.bfloat16, mx.float16) and x.size // x.shape[-1] >= HALF_BLAS_ROWS:
-        block = lambda i, j: w[i:j].astype(mx.float32)
-        dtype = mx.result_type(x, w)
-    else:
-        return native(x)
-    x32 = x.astype(mx.float32)
-    n = layer.weight.shape[0]
-    step = max(1, BLOCK_ELEMS // (x.shape[-1]))
-    outs = []
-    for i in range(0, n, step):
-        wb = block(i, min(i + step, n))
-        if outs:  # after the previous block's product, or MLX would expand every block at once
-            wb = mx.depends(wb, outs[-1])
-        outs.append(x32 @ wb.T)
-    y = mx.concatenate(outs, axis=-1)
-    if "bias" in layer:
-        y = y + layer.bias
-    return y.astype(dtype)
-
-
-# --------------------------------------------------------------------------- activations
-#
-# MLX's CPU exp is a scalar loop at ~27 ns an element, 60 times a multiply,
-# and every SiLU, sigmoid and softmax pays it. Here exp(a), a <= 0, is
-# 2^n exp(r): n = round(a / ln 2), r = a - n ln 2 with ln 2 split in two
-# (Cody-Waite) so r is exact, exp(r) by Cephes' minimax polynomial on
-# |r| <= ln 2 / 2, and 2^n built in the float's exponent bits. Relative error
-# 2e-7 (a couple of ulp), where MLX's own exp and sigmoid reach 3.8e-6. The
-# bit trick (a view) cannot fuse, so it is two compiled passes: the exponent,
-# then the polynomial and its use. SiLU(g) * u at [2048, 6144], 2-core x86:
-# 369 ms with nn.silu, 262 ms here.
-_LOG2E = 1.4426950408889634
-_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
-_EXP_MIN = -87.33  # about ln 2^-126: exp of anything smaller is not a normal float32
-_EXP_POLY = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3, 1.3981999507e-3, 1.9875691500e-4)
-
-
-@partial(mx.compile, shapeless=True)
-def _exponent(a):
-    """n = round(a / ln 2) for a <= 0 (clamped to normal floats), and the bits of 2^n."""
-    n = mx.floor(mx.maximum(a, _EXP_MIN) * _LOG2E + 0.5)
-    return n, (n.astype(mx.int32) + 127) << 23
-
-
-def _exp_nonpositive(a, n, scale):
-    """exp(a) for a <= 0, given :func:`_exponent`'s n and 2^n; 0 below the normal floats."""
-    r = (mx.maximum(a, _EXP_MIN) - n * _LN2_HI) - n * _LN2_LO
-    r2 = r * r
-    c = _EXP_POLY
-    p = (c[0] + c[1] * r) + r2 * (c[2] + c[3] * r) + r2 * r2 * (c[4] + c[5] * r)
-    return mx.where(a >= _EXP_MIN, ((1.0 + r) + r2 * p) * scale, 0.0)
-
-
-def _sigmoid_parts(x, n, scale):
-    e = _exp_nonpositive(-mx.abs(x), n, scale)  # exp(-|x|): never overflows
-    return mx.where(x >= 0, 1.0, e) / (1.0 + e)
-
-
-@partial(mx.compile, shapeless=True)
-def _gated(x, u, n, scale):
-    return u * _sigmoid_parts(x, n, scale)
-
-
-@partial(mx.compile, shapeless=True)
-def _swiglu(x, u, n, scale):
-    return x * u * _sigmoid_parts(x, n, scale)
-
-
-def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
-    """u * sigmoid(x), in float32 (``silu(x)`` is ``sigmoid_mul(x, x)``); MLX's own off the CPU."""
-    x = x.astype(mx.float32)
-    if not _on_cpu():
-        return u * mx.sigmoid(x)
-    n, bits = _exponent(-mx.abs(x))
-    return _gated(x, u.astype(mx.float32), n, mx.view(bits, mx.float32))
-
-
-def swiglu(x: mx.array, u: mx.array) -> mx.array:
-    """silu(x) * u, in float32; MLX's own off the CPU."""
-    x = x.astype(mx.float32)
-    if not _on_cpu():
-        return nn.silu(x) * u
-    n, bits = _exponent(-mx.abs(x))
-    return _swiglu(x, u.astype(mx.float32), n, mx.view(bits, mx.float32))
-
-
-@partial(mx.compile, shapeless=True)
-def _shifted_exp(s, m, n, scale):
-    return _exp_nonpositive(s - m, n, scale)
-
-
-def softmax(scores: mx.array) -> mx.array:
-    """Softmax over the last axis, in float32, with the exp above."""
-    scores = scores.astype(mx.float32)
-    m = scores.max(axis=-1, keepdims=True)
-    n, bits = _exponent(scores - m)
-    e = _shifted_exp(scores, m, n, mx.view(bits, mx.float32))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-# --------------------------------------------------------------------------- attention
-#
-# On the CPU, mx.fast.scaled_dot_product_attention falls back to composed ops
-# that score every query against every key, masked ones included, and read
-# each KV head once per query head. :func:`cpu_attention` scores the query
-# heads of a KV head with one product, and runs causal prefill in blocks of
-# ATTENTION_BLOCK queries that stop at the last key they can see, so about
-# half the scores (and their exponentials, the dominant cost) are never made.
-# 8 query heads, 2 KV heads, D = 256, 2-core x86 with OpenBLAS, ms per layer:
-#
-#   T = 2048:  1104 fallback;  1182 unblocked, 870 blocks of 512, 812 of 256, 648 of 128
-#   T = 512:     93 fallback;  78 blocks of 256, 63 of 128
-#   decode against 2048 keys: 3.2 fallback, 2.4 ours
-ATTENTION_BLOCK = 128
-
-
-def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
-    """Softmax attention in float32; q [B, H, L, D] are the last L of k, v's S positions [B, Hkv, S, D]."""
-    B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    rep, past = H // Hkv, S - L
-    f32, dtype = mx.float32, q.dtype
-    q = (q.astype(f32) * scale).reshape(B, Hkv, rep, L, D)
-    kt, v = k.astype(f32).swapaxes(-1, -2), v.astype(f32)
-    block = ATTENTION_BLOCK if causal else L
-    outs = []
-    for s0 in range(0, L, block):
-        s1 = min(s0 + block, L)
-        n = past + s1 if causal else S  # keys this block can see
-        scores = (q[:, :, :, s0:s1].reshape(B, Hkv, -1, D) @ kt[..., :n]).reshape(B, Hkv, rep, s1 - s0, n)
-        if causal:
-            visible = mx.arange(n)[None] <= mx.arange(past + s0, past + s1)[:, None]
-            scores = mx.where(visible, scores, -mx.inf)
-        p = softmax(scores).reshape(B, Hkv, -1, n)
-        outs.append((p @ v[:, :, :n]).reshape(B, Hkv, rep, s1 - s0, D))
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
-    return out.reshape(B, H, L, D).astype(dtype)
 
 
 class MLP(nn.Module):
@@ -365,7 +153,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if _on_cpu() and isinstance(k, mx.array) and (mask is None or isinstance(mask, str)):
+        if on_cpu() and isinstance(k, mx.array) and (mask is None or isinstance(mask, str)):
             out = cpu_attention(q, k, v, self.head_dim**-0.5, causal=mask is not None)
         else:
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.head_dim**-0.5, mask=mask)
