@@ -43,10 +43,20 @@ def load_media(model, images: Sequence = (), videos: Sequence = ()) -> list[Medi
 
     All files are checked before anything is encoded, so bad input fails early.
     """
-    if (images or videos) and not hasattr(model, "visual"):
+    if not (images or videos):
+        return []
+    if not hasattr(model, "visual"):
         raise Qwen35Error("images: this model has no vision tower (a text-only checkpoint)")
     source = getattr(model, "source", None)
     image_settings, video_settings = load_settings(source) if source else (IMAGE_SETTINGS, VIDEO_SETTINGS)
+    v = model.config.vision
+    tower = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+    for name, s in (("preprocessor_config.json", image_settings), ("video_preprocessor_config.json", video_settings)):
+        if (s.patch_size, s.temporal_patch_size, s.merge_size) != tower:
+            raise Qwen35Error(
+                f"{name}: patch, temporal patch and merge sizes "
+                f"{(s.patch_size, s.temporal_patch_size, s.merge_size)} do not match the vision tower's {tower}"
+            )
     out = []
     for image in images:
         pixels, grid = process_images([image], image_settings)

@@ -141,3 +141,18 @@ def test_bad_media(chat_model, images, tmp_path):
     with pytest.raises(Qwen35Error, match="notes.txt"):
         chat.send("Look", images=[text])
     assert chat.messages == [] and chat.media == []  # nothing half-recorded
+
+
+def test_processor_settings_must_fit_the_tower(chat_model, images, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    model, _ = chat_model
+    paths, _ = images
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "preprocessor_config.json").write_text(json.dumps({"patch_size": 14, "merge_size": 2}))
+    monkeypatch.setattr(model, "source", folder, raising=False)
+    with pytest.raises(Qwen35Error, match=r"preprocessor_config.json: patch, temporal patch and merge sizes \(14, 2, 2\)"):
+        load_media(model, paths[:1])
+    shutil.rmtree(folder)
