@@ -29,6 +29,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import use_fast_blas  # noqa: E402
+from model import greedy, load_pair  # noqa: E402
 from random_checkpoint import default_checkpoint  # noqa: E402
 
 USER = [
@@ -46,20 +47,11 @@ USER = [
 REPLY_TOKENS = 16
 
 
-def greedy(logprobs):
-    return mx.argmax(logprobs, axis=-1)
-
-
 def load_both(path: Path):
-    from mlx_lm.utils import load_model
-
-    from mlx_qwen35.loading import load_model as ours_load
+    """Ours, mlx-lm's (sharing our weight arrays, so peak memory counts them once) and the tokenizer."""
     from mlx_qwen35.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(path)
-    theirs, _ = load_model(path)
-    theirs.set_dtype(mx.float32)
-    return ours_load(path, dtype=mx.float32), theirs, tok
+    return (*load_pair(path, "float32"), load_tokenizer(path))
 
 
 def turns(path: Path):
@@ -109,7 +101,9 @@ def memory(path: Path):
     from mlx_qwen35.generate import prefill
 
     ours, theirs, _ = load_both(path)
-    print("\n[memory] 0.8B shape, float32: peak GiB after prefilling a fresh cache")
+    weights = mx.get_active_memory() / 2**30
+    print(f"\n[memory] 0.8B shape, float32: peak GiB after prefilling a fresh cache"
+          f" (both include the {weights:.2f} GiB of weights they share)")
     print(f"{'context':>8} {'kv':>5} {'ours':>8} {'mlx-lm':>8} {'ratio':>7}")
     for n in (1024, 4096, 16384):
         ids = [1000 + (i % 5000) for i in range(n)]
