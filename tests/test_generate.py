@@ -221,3 +221,50 @@ def test_prefill_chunks_bound_attention_memory():
             assert c <= 2048
             assert c <= 64 or heads * c * (offset + e) * 4 <= ATTENTION_BUDGET
     assert chunk_ends(4096, 0, heads) == [2048, 4096]  # short contexts keep full chunks
+
+
+def test_prefilled_cache_holds_only_its_own_bytes(chat_model):
+    # After prefill the cache must not keep views into the chunk's activations
+    # (a conv tail sliced from the whole conv input did), and the states are
+    # evaluated, so nothing but the cache and the weights stays allocated.
+    import gc
+
+    from mlx.utils import tree_flatten
+
+    from mlx_qwen35.generate import prefill
+
+    model, _ = chat_model
+    mx.eval(model.parameters())
+    gc.collect()
+    base = mx.get_active_memory()
+    cache = model.make_cache()
+    logits = prefill(model, list(range(1000, 1600)), cache, step=300)
+    del logits
+    gc.collect()
+    held = mx.get_active_memory() - base
+    own = sum(a.nbytes for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array))
+    # KV buffers grow in steps of 256 positions: allow that one step of slack.
+    kv_step = sum(c.keys.nbytes + c.values.nbytes for c in cache if getattr(c, "keys", None) is not None) * 256 / 768
+    assert held <= own + kv_step, (held, own)
+
+
+def test_cpu_attention_peak_does_not_grow_with_blocks():
+    # Blocks of queries run one after another, so the memory alive at once is
+    # about one block's, however many blocks the chunk has.
+    import gc
+
+    from mlx_qwen35.model.cpu import ATTENTION_BLOCK, cpu_attention
+
+    def peak(blocks: int) -> int:
+        H, Hkv, S, D = 8, 2, 4096, 64
+        key = iter(mx.random.split(mx.random.key(0), 3))
+        q = mx.random.normal((1, H, blocks * ATTENTION_BLOCK, D), key=next(key))
+        k, v = (mx.random.normal((1, Hkv, S, D), key=next(key)) for _ in range(2))
+        mx.eval(q, k, v)
+        gc.collect()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(cpu_attention(q, k, v, D**-0.5, causal=True))
+        return mx.get_peak_memory() - base
+
+    assert peak(8) < 1.5 * peak(2), (peak(8), peak(2))

@@ -90,7 +90,9 @@ class GatedDeltaNet(nn.Module):
             state = mx.zeros((B, K - 1, C), dtype=x.dtype)
         xs = mx.concatenate([state.astype(x.dtype), x], axis=1)
         if cache is not None:
-            cache[0] = xs[:, -(K - 1) :]
+            # A copy: a view of the tail would keep the whole chunk's input alive
+            # (50 MB per layer for a 2048-token chunk at the 2B shape).
+            cache[0] = mx.contiguous(xs[:, -(K - 1) :])
         out = _conv_taps(xs, self.conv1d.weight[:, :, 0].astype(x.dtype))
         return sigmoid_mul(out, out).astype(x.dtype)
 
@@ -121,7 +123,13 @@ class GatedDeltaNet(nn.Module):
         z = project(self.in_proj_z, x).reshape(B, T, self.n_v, self.d_v)
         y = mx.fast.rms_norm(y.astype(mx.float32), None, self.norm.eps).astype(x.dtype)
         y = swiglu(z, y * self.norm.weight)
-        return project(self.out_proj, y.astype(x.dtype).reshape(B, T, -1))
+        out = project(self.out_proj, y.astype(x.dtype).reshape(B, T, -1))
+        if cache is None:
+            return out
+        # Make the next layer wait for this layer's cache: evaluated only at the
+        # end of a prefill chunk, the states would keep every layer's inputs
+        # alive until then, so peak memory would hold all layers' activations.
+        return mx.depends(out, [cache[0], cache[1]])
 
 
 class Attention(nn.Module):
