@@ -225,11 +225,12 @@ def test_prefill_chunks_bound_attention_memory():
 
 def test_prefilled_cache_holds_only_its_own_bytes(chat_model):
     # After prefill the cache must not keep views into the chunk's activations
-    # (a conv tail sliced from the whole conv input did), and the states are
-    # evaluated, so nothing but the cache and the weights stays allocated.
+    # (a conv tail sliced from the whole conv input did), and its states must
+    # be evaluated with the logits, so nothing but the cache's own buffers and
+    # the weights stays allocated.
     import gc
 
-    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import ArraysCache
 
     from mlx_qwen35.generate import prefill
 
@@ -238,14 +239,14 @@ def test_prefilled_cache_holds_only_its_own_bytes(chat_model):
     gc.collect()
     base = mx.get_active_memory()
     cache = model.make_cache()
-    logits = prefill(model, list(range(1000, 1600)), cache, step=300)
-    del logits
+    mx.eval(prefill(model, list(range(1000, 1600)), cache, step=300))
     gc.collect()
     held = mx.get_active_memory() - base
-    own = sum(a.nbytes for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array))
-    # KV buffers grow in steps of 256 positions: allow that one step of slack.
-    kv_step = sum(c.keys.nbytes + c.values.nbytes for c in cache if getattr(c, "keys", None) is not None) * 256 / 768
-    assert held <= own + kv_step, (held, own)
+    buffers = [a for c in cache for a in (c.cache if isinstance(c, ArraysCache) else (c.keys, c.values))]
+    own = sum(a.nbytes for a in buffers)
+    # Slack for small constants other code builds at first use (a few KB); the
+    # leaks this guards against held 2.5x the cache here.
+    assert held <= 1.1 * own, (held, own)
 
 
 def test_cpu_attention_peak_does_not_grow_with_blocks():
