@@ -116,13 +116,18 @@ def reference(q, k, v, g, beta, state=None, mask=None):
 #   shortens the carry (each chunk reads and rewrites the whole state) but
 #   grows the C×C algebra; carrying pairs of 16-chunks with one state update
 #   was slower still (210 vs 155 ms of CPU at T = 2048).
-# - SEGMENT: tokens prepared at once; the CPU backend allocates every
-#   temporary afresh, and segment-sized ones stay in cache (64-2048 tie).
+# - SEGMENT: tokens prepared at once, on a second stream while the carry
+#   of the segment before runs, so the two cores share the work (the carry
+#   alone is ~60% of it). T = 2048: 25.3k at 128, 22.9k at 64, 20.7k at
+#   256; T = 8192: 21.6k, 17.3k, 17.6k; on one stream: 16-19k. With the
+#   overlap C = 16 still wins (T = 2048: 28-30k against 26-29k at C = 32
+#   and 19-22k at C = 8). Putting the output rows on the second stream as
+#   well made it slower (110 vs 80 ms): a cross-stream wait per chunk.
 # - mx.compile pays only for the decode step's small vector algebra: compiled,
 #   _prepare took 6.1 ms instead of 4.2 per 256 tokens and the carry 12.4
 #   instead of 11.2 (the CPU backend's fused kernels lose to its eager ops on
 #   these broadcast shapes).
-SEGMENT = 256
+SEGMENT = 128
 SINGLE_STEP_T = 3
 SINGLE_CHUNK_T = 32
 MAX_CHUNK = 16
@@ -143,7 +148,8 @@ def _prepare(k, q, v, g, beta):
     # LAPACK's trtri: exact forward substitution (products of powers of A
     # cancel catastrophically for repeated keys). CPU-only in MLX, so it
     # runs on the CPU stream whatever the default device.
-    tinv = mx.linalg.tri_inv(A + mx.eye(C), stream=mx.cpu)
+    cpu = mx.default_device() == mx.cpu
+    tinv = mx.linalg.tri_inv(A + mx.eye(C), stream=None if cpu else mx.cpu)
     rt_mt = mx.concatenate([P[..., -1, :, None] * tinv, M @ tinv], axis=-2)
     # [0; diag(γ)] Q as a product: on the CPU backend the flops cost less
     # than a concatenation pass over Q.
@@ -202,13 +208,18 @@ def chunked(q, k, v, g, beta, state=None, mask=None, chunk: Optional[int] = None
             g = mx.pad(g, widths(g), constant_values=1.0)
         st = S.swapaxes(-1, -2)
         seg = max(C, SEGMENT // C * C)
+        # A segment's preparation needs nothing from the carry, so it runs
+        # on a stream of its own: the next segment is prepared while this
+        # one is carried (each CPU stream has its own thread).
+        prep = _side_stream(mx.default_device().type) if T + pad > seg else mx.default_stream(mx.default_device())
         for t0 in range(0, T + pad, seg):
             N = min(seg, T + pad - t0) // C
-            # [B, T, H, D] -> [N, B, H, C, D]: one chunk per leading index
-            lay = lambda x: x[:, t0 : t0 + N * C].reshape(B, N, C, Hv, -1).transpose(1, 0, 3, 2, 4)
-            # k and q feed two products each: lay them out once.
-            kc, qc = mx.contiguous(lay(k)), mx.contiguous(lay(q))
-            lhs, rhs, gc = _prepare(kc, qc, lay(v), *(lay(x)[..., 0] for x in (g, beta)))
+            with mx.stream(prep):
+                # [B, T, H, D] -> [N, B, H, C, D]: one chunk per leading index
+                lay = lambda x: x[:, t0 : t0 + N * C].reshape(B, N, C, Hv, -1).transpose(1, 0, 3, 2, 4)
+                # k and q feed two products each: lay them out once.
+                kc, qc = mx.contiguous(lay(k)), mx.contiguous(lay(q))
+                lhs, rhs, gc = _prepare(kc, qc, lay(v), *(lay(x)[..., 0] for x in (g, beta)))
             for n in range(N):
                 x = mx.addmm(rhs[n], lhs[n], st)  # [diag(r) Δ; Y]
                 ys.append(x[..., C:, :].swapaxes(1, 2))
@@ -218,6 +229,11 @@ def chunked(q, k, v, g, beta, state=None, mask=None, chunk: Optional[int] = None
     if mask is not None:
         y = mx.where(mask[..., None, None], y, 0.0)
     return y, S
+
+
+@lru_cache(maxsize=None)
+def _side_stream(device_type: mx.DeviceType) -> mx.Stream:
+    return mx.new_stream(mx.Device(device_type))
 
 
 def chunk_size(T: int) -> int:
