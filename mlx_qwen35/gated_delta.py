@@ -384,8 +384,8 @@ def choose_method(T: int, Dk: int, Dv: int) -> str:
     CPU (2-core Linux x86, OpenBLAS; ``python bench/recurrence.py``): chunked
     wins at every T, its C = 1 fused steps included, over reference and
     ``mx.fast.gated_delta_update``, which on the CPU runs a sequential loop
-    (tokens/s at T = 1: 3030 against 2060 and 1250; at T = 2048: 11.2k
-    against 1290 and 820).
+    (tokens/s at T = 1: 3150 against 1520 and 1250; at T = 2048: 26.4k
+    against 2040 and 1180).
 
     Apple GPU (reasoned, not measured here): our kernel for decode and short
     runs, where one launch reads and writes the state once; MLX's own
