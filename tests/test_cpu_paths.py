@@ -109,6 +109,19 @@ def test_swiglu():
     assert limits.tolist() == np.where(finite > 0, finite.astype(np.float64) * 0.5, 0).tolist()
 
 
+def test_activations_past_the_kept_shapes():
+    # More shapes than the compiled kernels kept: evicted shapes compile
+    # again and give the same numbers.
+    rng = np.random.default_rng(1)
+    shapes = [(1, t, 24) for t in range(1, cpu._SHAPES_KEPT + 6)] + [(1, 1, 24), (1, 2, 24)]
+    for shape in shapes:
+        x = (rng.standard_normal(shape) * 8).astype(np.float32)
+        u = rng.standard_normal(shape).astype(np.float32)
+        ref = x * sigmoid64(x) * u
+        assert max_rel_err(cpu.swiglu(mx.array(x), mx.array(u)), ref) < 1e-6, shape
+        assert max_rel_err(cpu.sigmoid_mul(mx.array(x), mx.array(u)), sigmoid64(x) * u) < 1e-6, shape
+
+
 def test_softmax_with_masked_keys():
     rng = np.random.default_rng(0)
     s = (rng.standard_normal((3, 5, 300)) * 30).astype(np.float32)

@@ -8,7 +8,8 @@ with OpenBLAS at the 2B shape (figures beside each choice).
 from __future__ import annotations
 
 import math
-from functools import lru_cache, partial
+from collections import OrderedDict
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -109,53 +110,106 @@ def project(layer: nn.Module, x: mx.array) -> mx.array:
 
 # --------------------------------------------------------------------------- activations
 #
-# MLX's CPU exp is a scalar loop at ~27 ns an element, 60 times a multiply,
+# MLX's CPU exp is a scalar loop at ~23 ns an element, 60 times a multiply,
 # and every SiLU, sigmoid and softmax pays it. Here exp(a), a <= 0, is
 # 2^n exp(r): n = round(a / ln 2), r = a - n ln 2 with ln 2 split in two
 # (Cody-Waite) so r is exact, exp(r) by Cephes' minimax polynomial on
 # |r| <= ln 2 / 2, and 2^n built in the float's exponent bits. Relative error
-# 2e-7 (a couple of ulp), where MLX's own exp and sigmoid reach 3.8e-6. The
-# bit trick (a view) cannot fuse, so it is two compiled passes: the exponent,
-# then the polynomial and its use. SiLU(g) * u at [2048, 6144]: 369 ms with
-# nn.silu, 262 ms here; the GDN output gate at [512, 2048]: 28 ms, 15 ms.
-# Whole layers gain less, the matmuls being most of them (interleaved
-# best-of runs on a loaded machine): an attention layer with its MLP at
-# T = 2048 1.12x (the softmax), the MLP alone 1.03-1.06x.
+# 2e-7 (a couple of ulp), where MLX's own exp and sigmoid reach 3.8e-6.
+#
+# Written so that MLX's CPU compiler makes each step one vectorized loop:
+# - the bit trick (a view) cannot fuse, so r, the bits of 2^n, exp and its
+#   use are four kernels, each with one output (outputs that share
+#   intermediates split a kernel; exp fused into its use ran slower, 42
+#   against 11 + 22 ms);
+# - no graph deeper than 10 operations (MLX fuses to depth 11; beyond, it
+#   materializes intermediates and passes constants as strided inputs);
+# - no floor (a libm call per element): n is rounded with 1.5 * 2^23;
+# - no select of a constant (compiled to a mispredicted branch): the
+#   sigmoid's numerator is max(e, [x >= 0]);
+# - compiled per input shape: shapeless compilation broadcasts both operands
+#   of every array-scalar operation, doubling the depth.
+# SiLU(g) * u at [2048, 6144] (2-core x86, interleaved best-of): nn.silu
+# 337 ms; this design 73 ms; its shapeless predecessor 174-325 ms. A 1024-
+# token prefill of the 2B model: 17.7-18.4 s against 20.9-26.6 s.
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_MIN = -87.33  # about ln 2^-126: exp of anything smaller is not a normal float32
 _EXP_POLY = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3, 1.3981999507e-3, 1.9875691500e-4)
+_ROUND = 1.5 * 2**23  # (y + _ROUND) - _ROUND is y rounded to an integer, for |y| < 2^22
+_SHAPES_KEPT = 32
 
 
-@partial(mx.compile, shapeless=True)
-def _exponent(a):
-    """n = round(a / ln 2) for a <= 0 (clamped to normal floats), and the bits of 2^n."""
-    n = mx.floor(mx.maximum(a, _EXP_MIN) * _LOG2E + 0.5)
-    return n, (n.astype(mx.int32) + 127) << 23
+def _per_shape(fn):
+    """``fn`` compiled for each input shape, the last _SHAPES_KEPT shapes kept.
+
+    Each shape gets its own compiled copy, so evicting one frees its compile
+    cache entry: prompts of ever new lengths (and decode's growing attention
+    scores) do not grow MLX's cache, whose entries are scanned on every call.
+    """
+    kernels: OrderedDict = OrderedDict()
+
+    def call(*args):
+        key = tuple((a.shape, a.dtype) for a in args)
+        kernel = kernels.pop(key, None)
+        if kernel is None:
+            kernel = mx.compile(lambda *a: fn(*a))
+        kernels[key] = kernel
+        if len(kernels) > _SHAPES_KEPT:
+            kernels.popitem(last=False)
+        return kernel(*args)
+
+    return call
 
 
-def _exp_nonpositive(a, n, scale):
-    """exp(a) for a <= 0, given :func:`_exponent`'s n and 2^n; 0 below the normal floats."""
-    r = (mx.maximum(a, _EXP_MIN) - n * _LN2_HI) - n * _LN2_LO
-    r2 = r * r
+def _reduce(a):
+    """n and r with exp(a) = 2^n exp(r), for a <= 0."""
+    a = mx.maximum(a, _EXP_MIN)
+    n = (a * _LOG2E + _ROUND) - _ROUND
+    return n, (a - n * _LN2_HI) - n * _LN2_LO
+
+
+def _scale_bits(a):
+    """The bits of the float32 2^n; 0 where exp(a) is below the normal floats."""
+    n, _ = _reduce(a)
+    return ((n.astype(mx.int32) + 127) << 23) & -(a >= _EXP_MIN).astype(mx.int32)
+
+
+def _exp(r, scale):
+    """2^n exp(r), the polynomial grouped shallow: 1 + r + r^2 (c0 + c1 r) + r^4 (...)."""
     c = _EXP_POLY
-    p = (c[0] + c[1] * r) + r2 * (c[2] + c[3] * r) + r2 * r2 * (c[4] + c[5] * r)
-    return mx.where(a >= _EXP_MIN, ((1.0 + r) + r2 * p) * scale, 0.0)
+    r2 = r * r
+    low = (1.0 + r) + r2 * (c[0] + c[1] * r)
+    high = (c[2] + c[3] * r) + r2 * (c[4] + c[5] * r)
+    return (low + (r2 * r2) * high) * scale
 
 
-def _sigmoid_parts(x, n, scale):
-    e = _exp_nonpositive(-mx.abs(x), n, scale)  # exp(-|x|): never overflows
-    return mx.where(x >= 0, 1.0, e) / (1.0 + e)
+def _sigmoid(x, e):
+    """sigmoid(x) as (numerator, denominator), given e = exp(-|x|) <= 1."""
+    return mx.maximum(e, (x >= 0).astype(mx.float32)), 1.0 + e
 
 
-@partial(mx.compile, shapeless=True)
-def _gated(x, u, n, scale):
-    return u * _sigmoid_parts(x, n, scale)
+_sigmoid_remainder = _per_shape(lambda x: _reduce(-mx.abs(x))[1])
+_sigmoid_scale_bits = _per_shape(lambda x: _scale_bits(-mx.abs(x)))
+_exp_remainder = _per_shape(lambda a: _reduce(a)[1])
+_exp_scale_bits = _per_shape(_scale_bits)
+_exp_kernel = _per_shape(_exp)
 
 
-@partial(mx.compile, shapeless=True)
-def _swiglu(x, u, n, scale):
-    return x * u * _sigmoid_parts(x, n, scale)
+@_per_shape
+def _gated(x, u, e):
+    num, den = _sigmoid(x, e)
+    return (u * num) / den
+
+
+@_per_shape
+def _swiglu(x, u, e):
+    num, den = _sigmoid(x, e)
+    return (x * u * num) / den
+
+
+def _exp_neg_abs(x):
+    return _exp_kernel(_sigmoid_remainder(x), mx.view(_sigmoid_scale_bits(x), mx.float32))
 
 
 def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
@@ -163,8 +217,7 @@ def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
     x = x.astype(mx.float32)
     if not on_cpu():
         return u * mx.sigmoid(x)
-    n, bits = _exponent(-mx.abs(x))
-    return _gated(x, u.astype(mx.float32), n, mx.view(bits, mx.float32))
+    return _gated(x, u.astype(mx.float32), _exp_neg_abs(x))
 
 
 def swiglu(x: mx.array, u: mx.array) -> mx.array:
@@ -172,21 +225,14 @@ def swiglu(x: mx.array, u: mx.array) -> mx.array:
     x = x.astype(mx.float32)
     if not on_cpu():
         return nn.silu(x) * u
-    n, bits = _exponent(-mx.abs(x))
-    return _swiglu(x, u.astype(mx.float32), n, mx.view(bits, mx.float32))
-
-
-@partial(mx.compile, shapeless=True)
-def _shifted_exp(s, m, n, scale):
-    return _exp_nonpositive(s - m, n, scale)
+    return _swiglu(x, u.astype(mx.float32), _exp_neg_abs(x))
 
 
 def softmax(scores: mx.array) -> mx.array:
     """Softmax over the last axis, in float32, with the exp above."""
     scores = scores.astype(mx.float32)
-    m = scores.max(axis=-1, keepdims=True)
-    n, bits = _exponent(scores - m)
-    e = _shifted_exp(scores, m, n, mx.view(bits, mx.float32))
+    a = scores - scores.max(axis=-1, keepdims=True)
+    e = _exp_kernel(_exp_remainder(a), mx.view(_exp_scale_bits(a), mx.float32))
     return e / e.sum(axis=-1, keepdims=True)
 
 
