@@ -142,7 +142,7 @@ _ROUND = 1.5 * 2**23  # (y + _ROUND) - _ROUND is y rounded to an integer, for |y
 _SHAPES_KEPT = 32
 
 
-def _per_shape(fn):
+def per_shape_compile(fn):
     """``fn`` compiled for each input shape, the last _SHAPES_KEPT shapes kept.
 
     Each shape gets its own compiled copy, so evicting one frees its compile
@@ -191,20 +191,20 @@ def _sigmoid(x, e):
     return mx.maximum(e, (x >= 0).astype(mx.float32)), 1.0 + e
 
 
-_sigmoid_remainder = _per_shape(lambda x: _reduce(-mx.abs(x))[1])
-_sigmoid_scale_bits = _per_shape(lambda x: _scale_bits(-mx.abs(x)))
-_exp_remainder = _per_shape(lambda a: _reduce(a)[1])
-_exp_scale_bits = _per_shape(_scale_bits)
-_exp_kernel = _per_shape(_exp)
+_sigmoid_remainder = per_shape_compile(lambda x: _reduce(-mx.abs(x))[1])
+_sigmoid_scale_bits = per_shape_compile(lambda x: _scale_bits(-mx.abs(x)))
+_exp_remainder = per_shape_compile(lambda a: _reduce(a)[1])
+_exp_scale_bits = per_shape_compile(_scale_bits)
+_exp_kernel = per_shape_compile(_exp)
 
 
-@_per_shape
+@per_shape_compile
 def _gated(x, u, e):
     num, den = _sigmoid(x, e)
     return (u * num) / den
 
 
-@_per_shape
+@per_shape_compile
 def _swiglu(x, u, e):
     num, den = _sigmoid(x, e)
     return (x * u * num) / den

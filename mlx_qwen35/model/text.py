@@ -16,7 +16,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from ..config import TextConfig
 from ..gated_delta import gated_delta_update
-from .cpu import cpu_attention, on_cpu, project, sigmoid_mul, swiglu
+from .cpu import cpu_attention, on_cpu, per_shape_compile, project, sigmoid_mul, swiglu
 from .rope import MRoPE
 
 
@@ -43,18 +43,19 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps).astype(x.dtype)
 
 
-@mx.compile
+@per_shape_compile
 def _conv_taps(xs: mx.array, w: mx.array) -> mx.array:
-    """Causal depthwise conv of xs [B, T + K - 1, C] with taps w [C, K].
+    """Causal depthwise conv of xs [B, T + K - 1, C] with taps w [K, C].
 
     A K-tap sum of shifted slices: exact, and cheaper than a grouped conv
-    here; compiled, one pass instead of 2K - 1.
+    here; compiled, one pass instead of 2K - 1 (taps as rows: a column of
+    [C, K] made the CPU kernel strided: 40 ms against 17 at T = 2048).
     """
-    K = w.shape[1]
+    K = w.shape[0]
     T = xs.shape[1] - K + 1
-    out = xs[:, 0:T] * w[:, 0]
+    out = xs[:, 0:T] * w[0]
     for j in range(1, K):
-        out = out + xs[:, j : j + T] * w[:, j]
+        out = out + xs[:, j : j + T] * w[j]
     return out
 
 
@@ -93,7 +94,7 @@ class GatedDeltaNet(nn.Module):
             # A copy: a view of the tail would keep the whole chunk's input alive
             # (50 MB per layer for a 2048-token chunk at the 2B shape).
             cache[0] = mx.contiguous(xs[:, -(K - 1) :])
-        out = _conv_taps(xs, self.conv1d.weight[:, :, 0].astype(x.dtype))
+        out = _conv_taps(xs, mx.contiguous(self.conv1d.weight[:, :, 0].T.astype(x.dtype)))
         return sigmoid_mul(out, out).astype(x.dtype)
 
     def __call__(self, x: mx.array, cache=None, mask: Optional[mx.array] = None, positions=None) -> mx.array:
