@@ -131,9 +131,9 @@ def project(layer: nn.Module, x: mx.array) -> mx.array:
 #   of every array-scalar operation, doubling the depth.
 # SiLU(g) * u at [2048, 6144] (2-core x86, best of 5): 80 ms, against 191
 # for its shapeless two-pass predecessor and 358 for nn.silu; the softmax of
-# [1, 2, 512, 2048] scores 18 ms, 28 and 56 (mx.softmax). A 1024-token
-# prefill of the 2B model, alternating in one process: 17.7-18.4 s against
-# 20.9-26.6 s.
+# [1, 2, 512, 2048] scores 18 ms, 28 and 56 (mx.softmax). A 2B prefill,
+# this design and its predecessor alternating in one process: 2048 tokens
+# 42.9-43.9 s against 60.8-67.1 s, 1024 tokens 22.6-27.9 s against 30.5-42.6.
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_MIN = -87.33  # about ln 2^-126: exp of anything smaller is not a normal float32
