@@ -191,11 +191,18 @@ def _sigmoid(x, e):
     return mx.maximum(e, (x >= 0).astype(mx.float32)), 1.0 + e
 
 
-_sigmoid_remainder = per_shape_compile(lambda x: _reduce(-mx.abs(x))[1])
-_sigmoid_scale_bits = per_shape_compile(lambda x: _scale_bits(-mx.abs(x)))
-_exp_remainder = per_shape_compile(lambda a: _reduce(a)[1])
-_exp_scale_bits = per_shape_compile(_scale_bits)
 _exp_kernel = per_shape_compile(_exp)
+
+
+def _exp_of(arg):
+    """x -> exp(arg(x)) for arg(x) <= 0: r and the bits of 2^n (each fusing arg), then exp."""
+    remainder = per_shape_compile(lambda x: _reduce(arg(x))[1])
+    scale_bits = per_shape_compile(lambda x: _scale_bits(arg(x)))
+    return lambda x: _exp_kernel(remainder(x), mx.view(scale_bits(x), mx.float32))
+
+
+_exp_neg_abs = _exp_of(lambda x: -mx.abs(x))
+_exp_nonpositive = _exp_of(lambda a: a)
 
 
 @per_shape_compile
@@ -208,10 +215,6 @@ def _gated(x, u, e):
 def _swiglu(x, u, e):
     num, den = _sigmoid(x, e)
     return (x * u * num) / den
-
-
-def _exp_neg_abs(x):
-    return _exp_kernel(_sigmoid_remainder(x), mx.view(_sigmoid_scale_bits(x), mx.float32))
 
 
 def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
@@ -233,8 +236,7 @@ def swiglu(x: mx.array, u: mx.array) -> mx.array:
 def softmax(scores: mx.array) -> mx.array:
     """Softmax over the last axis, in float32, with the exp above."""
     scores = scores.astype(mx.float32)
-    a = scores - scores.max(axis=-1, keepdims=True)
-    e = _exp_kernel(_exp_remainder(a), mx.view(_exp_scale_bits(a), mx.float32))
+    e = _exp_nonpositive(scores - scores.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
