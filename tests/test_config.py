@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from mlx_qwen35.config import load_config, parse_config
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.model import Model
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen3_5_2b"
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason="shared reference folder absent")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from shapes import CONFIGS, QWEN3_5_2B  # noqa: E402
+from reference import REFERENCE as REF, requires_reference as needs_ref  # noqa: E402
 
 
 def ref_config(name="config.json") -> dict:
@@ -42,23 +45,22 @@ def test_real_2b_config():
     assert (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id) == (248053, 248054, 248056)
 
 
+@needs_ref
+def test_bench_shapes_are_the_official_configs():
+    assert CONFIGS == {"qwen3_5_2b": ref_config(), "qwen3_5_0_8b": ref_config("config_qwen3_5_0_8b.json")}
+
+
 def param_shapes(cfg_dict) -> dict:
     model = Model(parse_config(cfg_dict), mtp=True)  # parameters stay lazy: nothing is allocated
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
 @needs_ref
-def test_every_released_size_builds_from_its_config():
-    base = ref_config()
-    # 0.8B: the real file
-    s = param_shapes(ref_config("config_qwen3_5_0_8b.json"))
-    assert s["language_model.layers.0.linear_attn.in_proj_qkv.weight"] == (6144, 1024)
-    assert s["visual.blocks.11.attn.qkv.weight"] == (3 * 768, 768)
-    # 2B: matches the published tensor shapes exactly
+def test_2b_builds_the_published_tensor_shapes():
     shapes = json.loads((REF / "tensor_shapes.json").read_text())
     published = {**shapes["language_model"], **shapes["vision"], **shapes["mtp"]}
     assert len(published) == 632
-    ours = param_shapes(base)
+    ours = param_shapes(ref_config())
     assert len(ours) == 632
     for hf_name, shape in published.items():
         name = hf_name.removeprefix("model.")
@@ -67,6 +69,13 @@ def test_every_released_size_builds_from_its_config():
         if name.endswith("conv1d.weight"):
             shape = [shape[0], shape[2], shape[1]]
         assert ours[name] == tuple(shape), name
+
+
+def test_every_released_size_builds_from_its_config():
+    base = QWEN3_5_2B
+    s = param_shapes(CONFIGS["qwen3_5_0_8b"])
+    assert s["language_model.layers.0.linear_attn.in_proj_qkv.weight"] == (6144, 1024)
+    assert s["visual.blocks.11.attn.qkv.weight"] == (3 * 768, 768)
     # 4B and 9B: 32 value heads over 16 key heads, wider attention
     for hidden, inter in ((2560, 9216), (4096, 12288)):
         s = param_shapes(
@@ -144,9 +153,8 @@ def test_flat_text_config():
         (lambda d: d.update(tie_word_embeddings=False), "'tie_word_embeddings' and 'text_config.tie_word_embeddings' disagree"),
     ],
 )
-@needs_ref
 def test_bad_config_names_the_field(tmp_path, edit, message):
-    d = ref_config()
+    d = copy.deepcopy(QWEN3_5_2B)
     d["text_config"]["tie_word_embeddings"] = True
     edit(d)
     (tmp_path / "config.json").write_text(json.dumps(d))

@@ -11,6 +11,7 @@ beside this torch, so its reference is built from transformers' own pieces:
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -30,6 +31,8 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_video_smart_resize
 from transformers.video_utils import VideoMetadata
 
+from reference import REFERENCE, requires_reference
+
 from mlx_qwen35.config import load_config
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.processor import (
@@ -44,12 +47,30 @@ from mlx_qwen35.processor import (
     video_frame_size,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/qwen3_5_2b"
+
+# The official preprocessor_config.json's values (a test compares them with the file when it is present).
+OFFICIAL_IMAGE_PROCESSOR = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
 
 
 @pytest.fixture(scope="module")
-def hf_images():
-    return Qwen2VLImageProcessorPil.from_pretrained(REFERENCE)
+def processor_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("processor")
+    (folder / "preprocessor_config.json").write_text(json.dumps(OFFICIAL_IMAGE_PROCESSOR))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_images(processor_folder):
+    return Qwen2VLImageProcessorPil.from_pretrained(processor_folder)
 
 
 def noise_image(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -67,8 +88,14 @@ def noise_image(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image
 SIZES = [(100, 80), (480, 640), (333, 517), (1000, 37), (29, 3000), (4200, 4100)]
 
 
+@requires_reference
 def test_settings_are_the_official_files():
     assert load_settings(REFERENCE) == (IMAGE_SETTINGS, VIDEO_SETTINGS)
+    assert json.loads((REFERENCE / "preprocessor_config.json").read_text()) == OFFICIAL_IMAGE_PROCESSOR
+
+
+def test_default_settings_are_those_of_the_official_values(processor_folder):
+    assert load_settings(processor_folder)[0] == IMAGE_SETTINGS
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
@@ -263,8 +290,13 @@ def test_bad_videos(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def config():
-    return load_config(REFERENCE)
+def config(tmp_path_factory):
+    """A Qwen3.5 vision-language config as transformers writes it (its token ids are the official ones)."""
+    from checkpoints import hf_model
+
+    folder = tmp_path_factory.mktemp("vl_config")
+    hf_model().config.save_pretrained(folder)
+    return load_config(folder)
 
 
 SPECIAL = {"<|vision_start|>": 248053, "<|vision_end|>": 248054, "<|image_pad|>": 248056, "<|video_pad|>": 248057}

@@ -13,8 +13,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from tokenizer_fixture import requires_reference
+from reference import requires_reference
 
 from mlx_qwen35.reasoning import ReasoningSplitter, split_reasoning, thinking_opened
 from mlx_qwen35.tokenizer import render_prompt, render_text
@@ -150,10 +149,11 @@ def test_streaming_through_the_detokenizer(qwen35_tokenizer):
     assert merged(pieces) == [("reasoning", "Ça va? 思考中…\n1 < 2 </thi"), ("answer", "答案是 **42** 👍🏽")]
 
 
-@requires_reference
 @pytest.mark.parametrize("thinking", [False, True])
-def test_round_trip_through_the_template(qwen35_tokenizer, thinking):
+@pytest.mark.parametrize("template", ["qwen35_tokenizer", pytest.param("official_tokenizer", marks=requires_reference)])
+def test_round_trip_through_the_template(request, template, thinking):
     """A generated turn, split and put back as reasoning_content + content, renders exactly as generated."""
+    qwen35_tokenizer = request.getfixturevalue(template)
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
     prompt = render_text(qwen35_tokenizer, history, enable_thinking=thinking)
     assert thinking_opened(prompt) == thinking

@@ -14,14 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenizer_fixture import (
-    REFERENCE,
-    added_tokens,
-    pretokenize_regex,
-    qwen_reference_encoder,
-    requires_reference,
-    write_tokenizer_folder,
-)
+from reference import REFERENCE, requires_reference
+from tokenizer_fixture import added_tokens, pretokenize_regex, qwen_reference_encoder, write_tokenizer_folder
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.tokenizer import load_tokenizer, render_prompt, render_text
@@ -175,39 +169,50 @@ CONVERSATIONS = {
 }
 
 
-@requires_reference
 @pytest.mark.parametrize("thinking", [False, True])
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_prompt_ids_match_the_official_template(qwen35_tokenizer, reference, name, thinking):
+def test_prompt_ids_match_the_official_template(official_tokenizer, reference, name, thinking):
     messages, tools = CONVERSATIONS[name]
     expected = official_render(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking)
-    assert render_text(qwen35_tokenizer, messages, enable_thinking=thinking, tools=tools) == expected
-    assert render_prompt(qwen35_tokenizer, messages, enable_thinking=thinking, tools=tools) == reference.encode(
+    assert render_text(official_tokenizer, messages, enable_thinking=thinking, tools=tools) == expected
+    assert render_prompt(official_tokenizer, messages, enable_thinking=thinking, tools=tools) == reference.encode(
         expected
     )
 
 
-@requires_reference
-def test_thinking_is_off_by_default(qwen35_tokenizer, reference):
+def test_thinking_is_off_by_default(official_tokenizer, reference):
     messages = CONVERSATIONS["single"][0]
-    ids = render_prompt(qwen35_tokenizer, messages)
+    ids = render_prompt(official_tokenizer, messages)
     assert ids == reference.encode(official_render(messages, add_generation_prompt=True, enable_thinking=False))
-    assert qwen35_tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert official_tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-@requires_reference
-def test_finished_conversation_without_generation_prompt(qwen35_tokenizer, reference):
+def test_finished_conversation_without_generation_prompt(official_tokenizer, reference):
     messages = CONVERSATIONS["multi_turn_past_reasoning"][0][:5]
     expected = official_render(messages, add_generation_prompt=False)
-    assert render_prompt(qwen35_tokenizer, messages, add_generation_prompt=False) == reference.encode(expected)
+    assert render_prompt(official_tokenizer, messages, add_generation_prompt=False) == reference.encode(expected)
 
 
-@requires_reference
-def test_template_errors_are_qwen35_errors(qwen35_tokenizer):
+def test_template_errors_are_qwen35_errors(official_tokenizer):
     with pytest.raises(Qwen35Error, match="rejected the messages: No user query found"):
-        render_text(qwen35_tokenizer, [{"role": "system", "content": "alone"}])
+        render_text(official_tokenizer, [{"role": "system", "content": "alone"}])
     with pytest.raises(Qwen35Error, match="System message must be at the beginning"):
-        render_text(qwen35_tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+        render_text(official_tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+
+
+IMAGE_TURNS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}, {"type": "video"}]},
+]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("name", [*(n for n, (_, tools) in CONVERSATIONS.items() if tools is None), "media"])
+def test_the_tests_template_renders_as_the_official_one(qwen35_tokenizer, official_tokenizer, name, thinking):
+    """Where the tests use their own template (no tools), it must render what the official one renders."""
+    messages = IMAGE_TURNS if name == "media" else CONVERSATIONS[name][0]
+    for generation_prompt in (True, False):
+        kwargs = dict(enable_thinking=thinking, add_generation_prompt=generation_prompt)
+        assert render_text(qwen35_tokenizer, messages, **kwargs) == render_text(official_tokenizer, messages, **kwargs)
 
 
 # ------------------------------------------------ which template is used, and errors
@@ -216,7 +221,7 @@ def test_template_errors_are_qwen35_errors(qwen35_tokenizer):
 
 @pytest.fixture
 def stand_in(tmp_path):
-    folder = write_tokenizer_folder(tmp_path / "ckpt", chat_template=False, max_rank=256)
+    folder = write_tokenizer_folder(tmp_path / "ckpt", chat_template=None, max_rank=256)
 
     def with_templates(jinja: str | None = None, config: str | None = None):
         if jinja is not None:

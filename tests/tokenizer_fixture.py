@@ -28,9 +28,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from chat_template import TEST_CHAT_TEMPLATE
+from reference import REFERENCE
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/qwen3_5_2b"
-requires_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"{REFERENCE} is absent")
 
 # The tokens that survive decode(skip_special_tokens=True); the other 21 added tokens are special.
 NON_SPECIAL = frozenset(
@@ -213,26 +213,31 @@ def tokenizer_config(max_rank: int | None = None) -> dict:
     }
 
 
-def write_tokenizer(folder: Path, *, chat_template: bool = True, max_rank: int | None = None) -> Path:
+def write_tokenizer(folder: Path, *, chat_template: str | None = "test", max_rank: int | None = None) -> Path:
     """Write tokenizer.json and tokenizer_config.json of the real Qwen3.5 tokenizer into ``folder``.
 
     ``max_rank`` writes the fast-loading stand-in instead (see :func:`tokenizer_json`).
-    With ``chat_template``, the official chat_template.jinja is copied from the
-    shared reference folder when that folder exists (tests that need it are
-    marked :data:`requires_reference`). The folder needs a config.json with
-    model_type qwen3_5 for transformers to pick the Qwen3.5 tokenizer class.
+    ``chat_template``: "test" writes the tests' own ChatML template (chat_template.py),
+    "official" copies the official chat_template.jinja from the reference folder
+    (tests that use it are marked :data:`requires_reference`), None writes none.
+    The folder needs a config.json with model_type qwen3_5 for transformers to
+    pick the Qwen3.5 tokenizer class.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(tokenizer_json(max_rank), encoding="utf-8")
     config = tokenizer_config(max_rank)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    if chat_template and REFERENCE.is_dir():
+    if chat_template == "test":
+        (folder / "chat_template.jinja").write_text(TEST_CHAT_TEMPLATE, encoding="utf-8")
+    elif chat_template == "official":
         shutil.copyfile(REFERENCE / "chat_template.jinja", folder / "chat_template.jinja")
+    elif chat_template is not None:
+        raise ValueError(f"chat_template: 'test', 'official' or None, got {chat_template!r}")
     return folder
 
 
-def write_tokenizer_folder(folder: Path, *, chat_template: bool = True, max_rank: int | None = None) -> Path:
+def write_tokenizer_folder(folder: Path, *, chat_template: str | None = "test", max_rank: int | None = None) -> Path:
     """A tokenizer-only checkpoint folder: :func:`write_tokenizer` plus a minimal qwen3_5 config.json."""
     write_tokenizer(folder, chat_template=chat_template, max_rank=max_rank)
     (Path(folder) / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}), encoding="utf-8")
@@ -241,8 +246,16 @@ def write_tokenizer_folder(folder: Path, *, chat_template: bool = True, max_rank
 
 @pytest.fixture(scope="session")
 def qwen35_tokenizer_dir(tmp_path_factory) -> Path:
-    """A folder with the real tokenizer, the official chat template (when available) and a qwen3_5 config.json."""
+    """A folder with the real tokenizer, the tests' chat template and a qwen3_5 config.json."""
     return write_tokenizer_folder(tmp_path_factory.mktemp("qwen35_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def official_tokenizer(tmp_path_factory):
+    """The real tokenizer with the official chat template (its tests are marked ``reference`` by conftest)."""
+    from mlx_qwen35.tokenizer import load_tokenizer
+
+    return load_tokenizer(write_tokenizer_folder(tmp_path_factory.mktemp("official_tokenizer"), chat_template="official"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,54 @@
+"""A ChatML chat template with a thinking block, written for the tests.
+
+Tests must run where the official template is absent (a fresh clone has no
+``../shared``), so checkpoints built by the tests carry this one. It renders
+what the package relies on, in the Qwen3.5 shape: ``<|im_start|>role\\n…<|im_end|>\\n``
+turns, image and video placeholders, reasoning kept only for the assistant
+turns after the last user message, and a generation prompt that leaves
+``<think>\\n`` open when ``enable_thinking`` is true and closes an empty block
+otherwise. Tests that compare with the official template read it from the
+reference folder and skip without it.
+"""
+
+TEST_CHAT_TEMPLATE = r"""
+{%- macro text_of(content) -%}
+  {%- if content is string -%}{{ content }}
+  {%- elif content is none or content is undefined -%}
+  {%- else -%}
+    {%- for part in content -%}
+      {%- if part.type == 'image' or 'image' in part -%}<|vision_start|><|image_pad|><|vision_end|>
+      {%- elif part.type == 'video' or 'video' in part -%}<|vision_start|><|video_pad|><|vision_end|>
+      {%- elif 'text' in part -%}{{ part.text }}
+      {%- else -%}{{ raise_exception('unknown content part') }}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
+{%- if not messages -%}{{ raise_exception('no messages') }}{%- endif -%}
+{%- set last = namespace(user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set last.user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+  {%- set body = text_of(m.content) | trim -%}
+  {%- if m.role == 'system' -%}
+    {%- if not loop.first -%}{{ raise_exception('the system message comes first') }}{%- endif -%}
+    {{ '<|im_start|>system\n' + body + '<|im_end|>\n' }}
+  {%- elif m.role == 'user' -%}
+    {{ '<|im_start|>user\n' + body + '<|im_end|>\n' }}
+  {%- elif m.role == 'assistant' -%}
+    {%- set thought = (m.reasoning_content if m.reasoning_content is string else '') | trim -%}
+    {%- if loop.index0 > last.user -%}
+      {{ '<|im_start|>assistant\n<think>\n' + thought + '\n</think>\n\n' + body + '<|im_end|>\n' }}
+    {%- else -%}
+      {{ '<|im_start|>assistant\n' + body + '<|im_end|>\n' }}
+    {%- endif -%}
+  {%- else -%}
+    {{ raise_exception('unknown role ' + m.role) }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{ '<|im_start|>assistant\n' }}
+  {%- if enable_thinking is defined and enable_thinking -%}{{ '<think>\n' }}
+  {%- else -%}{{ '<think>\n\n</think>\n\n' }}
+  {%- endif -%}
+{%- endif -%}
+""".strip()
