@@ -31,6 +31,7 @@ TEST_CHAT_TEMPLATE = r"""
   {%- set body = text_of(m.content) | trim -%}
   {%- if m.role == 'system' -%}
     {%- if not loop.first -%}{{ raise_exception('the system message comes first') }}{%- endif -%}
+    {%- if '<|vision_start|>' in body -%}{{ raise_exception('System message cannot contain images.') }}{%- endif -%}
     {{ '<|im_start|>system\n' + body + '<|im_end|>\n' }}
   {%- elif m.role == 'user' -%}
     {{ '<|im_start|>user\n' + body + '<|im_end|>\n' }}
