@@ -309,16 +309,20 @@ _MEDIA = {
 def _check_meta(path: Path, meta: dict, layers: int) -> None:
     """Every key load reads, with its type: a malformed session is one line naming the key, not a KeyError."""
 
+    def is_a(value, kinds) -> bool:
+        return isinstance(value, kinds) and (not isinstance(value, bool) or kinds is bool)  # True is an int too
+
     def check(where: str, d: dict, schema: dict) -> None:
         for key, (kinds, expected) in schema.items():
             name = f"{where}{key}"
             if key not in d:
                 raise Qwen35Error(f"{path}: session metadata lacks '{name}'")
             value = d[key]
-            items = isinstance(kinds, list)
-            kinds = kinds[0] if items else kinds
-            ok = lambda v: isinstance(v, kinds) and (not isinstance(v, bool) or kinds is bool)
-            if not (isinstance(value, list) and all(map(ok, value)) if items else ok(value)):
+            if isinstance(kinds, list):
+                ok = isinstance(value, list) and all(is_a(v, kinds[0]) for v in value)
+            else:
+                ok = is_a(value, kinds)
+            if not ok:
                 raise Qwen35Error(f"{path}: session metadata '{name}' must be {expected}, got {json.dumps(value)[:60]}")
 
     check("", meta, _META)

@@ -270,7 +270,9 @@ def convert(
     src = resolve(hf_path)
     if out.exists():  # --force deletes it: only one of our conversions or an empty folder, never the user's files
         if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-            raise Qwen35Error(f"--mlx-path {out}: contains the checkpoint being converted ({src}); choose another folder")
+            raise Qwen35Error(
+                f"--mlx-path {out}: contains the checkpoint being converted ({src}); choose another folder"
+            )
         if not (out.is_dir() and not any(out.iterdir())) and not _ours(out):
             raise Qwen35Error(
                 f"--mlx-path {out}: not a conversion written by mlx_qwen35 (no '{FORMAT_KEY}' in its config.json); "

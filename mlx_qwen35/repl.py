@@ -67,7 +67,7 @@ def stats_line(r) -> str:
 
 
 def read_limited(name: str, stream, context: Optional[int]) -> bytes:
-    """All of ``stream``'s bytes, or a :class:`Qwen35Error` once there are more than a ``context``-token prompt can hold."""
+    """``stream``'s bytes; a :class:`Qwen35Error` once there are more than a ``context``-token prompt can hold."""
     if context is None:
         return stream.read()
     limit = MAX_TOKEN_BYTES * context

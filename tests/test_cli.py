@@ -26,6 +26,7 @@ from mlx_qwen35.generate import PRESETS, prefill
 from mlx_qwen35.repl import MAX_TOKEN_BYTES, document_message
 
 runner = CliRunner()
+EMPTY_MODEL = "empty; expected a local folder or a hub id (leave it out for the default)"
 
 
 def invoke(*args, input=None):
@@ -131,7 +132,7 @@ def test_generate_file_and_stop(loaded, chat_model_dir, tmp_path):
         (["-p", "caf\udcff"], "error: --prompt: not valid UTF-8"),  # how Python passes argv bytes that are not UTF-8
         (["-p", "hi", "--system", "\udcff"], "error: --system: not valid UTF-8"),
         (["-p", "hi", "--stop", "\udcff"], "error: --stop: not valid UTF-8"),
-        (["-p", "hi", "--model", ""], "error: --model: empty; expected a local folder or a hub id (leave it out for the default)"),
+        (["-p", "hi", "--model", ""], f"error: --model: {EMPTY_MODEL}"),
     ],
 )
 def test_generate_bad_values_fail_before_loading(args, message):
@@ -147,18 +148,19 @@ def never_loaded(monkeypatch):
 
 def test_bad_stdin_fails_before_loading(never_loaded, chat_model_dir):
     limit = MAX_TOKEN_BYTES * 4096  # the tiny model's context
+    too_long = f"over {limit:,} bytes, more than the model's context of 4,096 tokens can hold (reading stopped there)"
     for stdin, message in [
         (b"", "error: prompt: empty"),
         (b"caf\xff", "error: stdin: not valid UTF-8 (byte 3)"),
-        (b"word " * (limit // 5 + 1), f"error: stdin: over {limit:,} bytes, more than the model's context of 4,096 "
-         "tokens can hold (reading stopped there)"),
+        (b"word " * (limit // 5 + 1), f"error: stdin: {too_long}"),
     ]:
         assert one_error_line(invoke("generate", "--model", chat_model_dir, input=stdin)) == message
-    for args in (["chat", "--system", "\udcff"], ["chat", "--model", ""], ["info", ""]):
-        line = one_error_line(invoke(*args))
-        assert line in ("error: --system: not valid UTF-8", "error: MODEL: empty; expected a local folder or a hub id "
-                        "(leave it out for the default)", "error: --model: empty; expected a local folder or a hub id "
-                        "(leave it out for the default)"), line
+    for args, message in [
+        (["chat", "--model", "/nonexistent/never/loaded", "--system", "\udcff"], "error: --system: not valid UTF-8"),
+        (["chat", "--model", ""], f"error: --model: {EMPTY_MODEL}"),
+        (["info", ""], f"error: MODEL: {EMPTY_MODEL}"),
+    ]:
+        assert one_error_line(invoke(*args)) == message
 
 
 def test_file_reading_stops_at_what_the_context_holds(never_loaded, chat_model_dir, tmp_path):

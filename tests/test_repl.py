@@ -14,10 +14,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from rich.console import Console
-
-import mlx.core as mx
 
 from mlx_qwen35 import chat as chat_module
 from mlx_qwen35.chat import Chat
@@ -406,7 +405,8 @@ def test_input_that_is_not_utf8_is_one_line(chat):
     bad = b"caf\xff".decode("utf-8", "surrogateescape")
     repl = repl_for(chat, [bad, f"/system {bad}", "/stats"])
     repl.run()
-    assert errors_of(repl) == ["error: input: not valid UTF-8 (the terminal sent bytes that are not text); nothing was done"] * 2
+    message = "error: input: not valid UTF-8 (the terminal sent bytes that are not text); nothing was done"
+    assert errors_of(repl) == [message] * 2
     assert chat.system is None and chat.history == [] and "0 turns" in output(repl)
 
 
@@ -437,15 +437,21 @@ def test_load_of_malformed_metadata_is_one_line(chat, tmp_path):
         "settings.think": (lambda m: m["settings"].pop("think"), "lacks 'settings.think'"),
         "model": (lambda m: m.pop("model"), "lacks 'model'"),
         "tokens": (lambda m: m.update(tokens="1 2 3"), "'tokens' must be a list of token ids, got \"1 2 3\""),
-        "max_tokens": (lambda m: m["settings"].update(max_tokens=True), "'settings.max_tokens' must be a number of tokens, got true"),
-        "sampling": (lambda m: m["settings"].update(sampling={"temp": 0}), "'settings.sampling' has an unknown key 'temp'"),
+        "max_tokens": (
+            lambda m: m["settings"].update(max_tokens=True),
+            "'settings.max_tokens' must be a number of tokens, got true",
+        ),
+        "sampling": (
+            lambda m: m["settings"].update(sampling={"temp": 0}), "'settings.sampling' has an unknown key 'temp'"
+        ),
         "role": (lambda m: m["messages"][0].pop("role"), "lacks 'messages.0.role'"),
         "kv_offsets": (lambda m: m["kv_offsets"].pop(), "'kv_offsets' has 3 layers, not 4"),  # TEXT: 4 layers
     }
     paths = {name: rewrite_session(saved, tmp_path / f"{name}.session", edit) for name, (edit, _) in cases.items()}
     repl = repl_for(chat, [f"/load {p}" for p in paths.values()] + ["/stats"])
     repl.run()
-    assert errors_of(repl) == [f"error: {paths[name]}: session metadata {expected}" for name, (_, expected) in cases.items()]
+    expected = [f"error: {paths[name]}: session metadata {message}" for name, (_, message) in cases.items()]
+    assert errors_of(repl) == expected
     assert repl.chat is chat and "conversation: 2 messages" in output(repl)
     untouched = rewrite_session(saved, tmp_path / "same.session", lambda m: None)
     assert Chat.load(untouched, chat.model, chat.tokenizer).messages == chat.messages
@@ -460,7 +466,8 @@ def test_unexpected_failure_saves_the_conversation(chat, tmp_path, monkeypatch):
     repl.run()
     first, second = errors_of(repl)
     assert first == "error: unexpected RuntimeError: disk full"  # nothing to save yet
-    m = re.fullmatch(r"error: unexpected RuntimeError: disk full; the conversation is saved in (\S+) \(/load it to go on\)", second)
+    saved = r"error: unexpected RuntimeError: disk full; the conversation is saved in (\S+) \(/load it to go on\)"
+    m = re.fullmatch(saved, second)
     assert m, second
     path = Path(m[1])
     assert path.parent == tmp_path / "recovered" and path.suffix == ".session"
