@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -240,6 +241,7 @@ class Chat:
             raise Qwen35Error(
                 f"{path}: session format version {meta.get('version')}; this mlx_qwen35 reads {SESSION_VERSION}"
             )
+        _check_meta(path, meta, len(model.make_cache()))
         if meta["model"] != model_identity(model):
             raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
         digest = meta.pop("digest", None)
@@ -259,11 +261,14 @@ class Chat:
         )
         chat.messages = meta["messages"]
         chat.tokens = meta["tokens"]
-        chat.media = [
-            Media(m["kind"], np.array(m["grid"]), timestamps=m["timestamps"], features=arrays[f"media.{j}"])
-            for j, m in enumerate(meta["media"])
-        ]
-        _set_cache(chat.cache, arrays, "cache", meta["kv_offsets"])
+        try:
+            chat.media = [
+                Media(m["kind"], np.array(m["grid"]), timestamps=m["timestamps"], features=arrays[f"media.{j}"])
+                for j, m in enumerate(meta["media"])
+            ]
+            _set_cache(chat.cache, arrays, "cache", meta["kv_offsets"])
+        except KeyError as e:
+            raise Qwen35Error(f"{path}: lacks tensor {e} (damaged, or not written by Chat.save)") from None
         chat.snapshots = []
         for j, n in enumerate(meta["snapshots"]):
             snap = [
@@ -272,6 +277,73 @@ class Chat:
             ]
             chat.snapshots.append((n, snap))
         return chat
+
+
+_NUMBER, _INTS = (int, float), (int, type(None))
+# What load reads from the metadata: key → (types, what is expected); lists give their items' types.
+_META = {
+    "model": (str, "text"),
+    "messages": ([dict], "a list of messages"),
+    "settings": (dict, "an object"),
+    "tokens": ([int], "a list of token ids"),
+    "snapshots": ([int], "a list of token offsets"),
+    "media": ([dict], "a list of objects"),
+    "kv_offsets": ([_INTS], "a list of offsets (or null)"),
+}
+_SETTINGS = {
+    "system": ((str, type(None)), "text or null"),
+    "think": (bool, "true or false"),
+    "thinking_budget": (_INTS, "a number of tokens or null"),
+    "sampling": ((dict, type(None)), "an object or null"),
+    "max_tokens": (int, "a number of tokens"),
+    "kv_bits": (_INTS, "4, 8 or null"),
+    "seed": (_INTS, "an integer or null"),
+}
+_MEDIA = {
+    "kind": (str, "image or video"),
+    "grid": ([list], "a list of [t, h, w]"),
+    "timestamps": ((list, type(None)), "a list of seconds or null"),
+}
+
+
+def _check_meta(path: Path, meta: dict, layers: int) -> None:
+    """Every key load reads, with its type: a malformed session is one line naming the key, not a KeyError."""
+
+    def is_a(value, kinds) -> bool:
+        return isinstance(value, kinds) and (not isinstance(value, bool) or kinds is bool)  # True is an int too
+
+    def check(where: str, d: dict, schema: dict) -> None:
+        for key, (kinds, expected) in schema.items():
+            name = f"{where}{key}"
+            if key not in d:
+                raise Qwen35Error(f"{path}: session metadata lacks '{name}'")
+            value = d[key]
+            if isinstance(kinds, list):
+                ok = isinstance(value, list) and all(is_a(v, kinds[0]) for v in value)
+            else:
+                ok = is_a(value, kinds)
+            if not ok:
+                raise Qwen35Error(f"{path}: session metadata '{name}' must be {expected}, got {json.dumps(value)[:60]}")
+
+    check("", meta, _META)
+    check("settings.", meta["settings"], _SETTINGS)
+    sampling = meta["settings"]["sampling"]
+    if sampling is not None:
+        names = [f.name for f in fields(Sampling)]
+        unknown = sorted(set(sampling) - set(names))
+        if unknown:
+            raise Qwen35Error(f"{path}: session metadata 'settings.sampling' has an unknown key '{unknown[0]}'")
+        check("settings.sampling.", sampling, {name: (_NUMBER, "a number") for name in names})
+        try:
+            Sampling(**sampling)
+        except Qwen35Error as e:
+            raise Qwen35Error(f"{path}: session metadata 'settings.sampling': {e}") from None
+    for j, m in enumerate(meta["media"]):
+        check(f"media.{j}.", m, _MEDIA)
+    for j, m in enumerate(meta["messages"]):
+        check(f"messages.{j}.", m, {"role": (str, "a role")})
+    if len(meta["kv_offsets"]) != layers:
+        raise Qwen35Error(f"{path}: session metadata 'kv_offsets' has {len(meta['kv_offsets'])} layers, not {layers}")
 
 
 def _cache_arrays(prefix: str, cache: list[Any]) -> dict[str, mx.array]:
@@ -323,4 +395,6 @@ def _read_session(path: Path) -> tuple[dict, dict[str, mx.array]]:
         meta = json.loads(metadata["session"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise Qwen35Error(f"{path}: not an mlx_qwen35 session file ({e})") from None
+    if not isinstance(meta, dict):
+        raise Qwen35Error(f"{path}: not an mlx_qwen35 session file (its metadata is not an object)")
     return meta, arrays

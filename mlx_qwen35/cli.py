@@ -26,6 +26,7 @@ app = typer.Typer(
     help="Qwen3.5 on MLX: chat, generate, convert checkpoints, inspect memory.",
 )
 err = Console(stderr=True, soft_wrap=True)
+json_errors = False  # generate --json: an error is also one JSON object on stdout
 
 
 @app.callback()
@@ -34,11 +35,48 @@ def _group() -> None:
 
     Start with `mlx_qwen35 chat`; every command has --help.
     """
+    global json_errors
+    json_errors = False
 
 
 def fail(message: str, code: int = 1) -> None:
     err.print(Text("error: ", style="bold red") + Text(message))
+    if json_errors:
+        print_json_error(message)
     raise typer.Exit(code)
+
+
+def print_json_error(message: str) -> None:
+    sys.stdout.write(json.dumps({"error": message}, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def text_arg(name: str, value: Optional[str]) -> None:
+    """A string from the command line; Python maps argument bytes that are not UTF-8 to lone surrogates."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            fail(f"{name}: not valid UTF-8")
+
+
+def read_stdin(context: int) -> str:
+    """The message piped in, read no further than a ``context``-token prompt can hold."""
+    from .repl import read_limited
+
+    data = read_limited("stdin", sys.stdin.buffer, context)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Qwen35Error(f"stdin: not valid UTF-8 (byte {e.start})") from None
+
+
+def capped_max_tokens(max_tokens: int, context: int) -> int:
+    """As llama.cpp does, an answer cannot outgrow the context: a larger --max-tokens means up to the context."""
+    if max_tokens <= context:
+        return max_tokens
+    note(f"--max-tokens: {max_tokens} is more than the model's context; capped at {context} tokens")
+    return context
 
 
 def run_or_fail(fn, *args, **kwargs):
@@ -173,7 +211,7 @@ TOP_K = typer.Option(None, "--top-k", help="Sample among the k likeliest tokens 
 MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min-p × the top probability. Overrides the preset.")
 PRESENCE = typer.Option(None, "--presence-penalty", help="Penalty on tokens already generated. Overrides the preset.")
 REPETITION = typer.Option(None, "--repetition-penalty", help="Multiplicative repetition penalty (1: off).")
-SEED = typer.Option(None, "--seed", help="Random seed, for repeatable sampling.")
+SEED = typer.Option(None, "--seed", min=0, max=2**64 - 1, help="Random seed, for repeatable sampling.")
 KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the attention KV cache to 4 or 8 bits (long contexts).")
 TEMPLATE = typer.Option(
     None,
@@ -198,10 +236,16 @@ def sampling_from(preset_name, think, **overrides):
     return replace(base, **given)
 
 
-def open_model(model: Optional[str], precision: Precision, chat_template: Optional[Path]):
-    """Resolve, convert if needed, and load; notes and hints on stderr."""
-    from .models import load_plan, plan
+def check_model(model: Optional[str], name: str = "--model") -> None:
+    if model is not None and not model.strip():  # would otherwise mean the default model
+        fail(f"{name}: empty; expected a local folder or a hub id (leave it out for the default)")
 
+
+def plan_model(model: Optional[str], precision: Precision):
+    """Resolve and convert if needed (no weights loaded); notes and hints on stderr."""
+    from .models import plan
+
+    check_model(model)
     if sys.platform.startswith("linux"):
         from .backend import blas_hint
 
@@ -212,8 +256,26 @@ def open_model(model: Optional[str], precision: Precision, chat_template: Option
         p = run_or_fail(plan, model, precision.value, say=note, progress=progress)
     for line in p.notes:
         note(line)
+    return p
+
+
+def load_planned(p, chat_template: Optional[Path]):
+    from .models import load_plan
+
     with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
         return run_or_fail(load_plan, p, chat_template)
+
+
+def open_model(model: Optional[str], precision: Precision, chat_template: Optional[Path]):
+    """Resolve, convert if needed, and load."""
+    return load_planned(plan_model(model, precision), chat_template)
+
+
+def context_of(p) -> int:
+    """The context, in tokens, of a planned model (from its config: nothing loaded)."""
+    from .config import load_config
+
+    return run_or_fail(load_config, p.folder).text.max_position_embeddings
 
 
 def make_chat(model, tokenizer, **settings):
@@ -266,13 +328,16 @@ def chat(
     )
     if kv_bits is not None and kv_bits not in ALLOWED_KV_BITS:
         fail(f"--kv-bits: {kv_bits} is not one of {', '.join(map(str, ALLOWED_KV_BITS))}")
+    text_arg("--system", system)
     m, tokenizer = open_model(model, precision, chat_template)
     conversation = make_chat(
         m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
-        max_tokens=max_tokens, kv_bits=kv_bits, seed=seed,
+        max_tokens=capped_max_tokens(max_tokens, m.config.text.max_position_embeddings), kv_bits=kv_bits, seed=seed,
     )
     console = Console(soft_wrap=True, highlight=False)
     interactive = sys.stdin.isatty()
+    if not interactive and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     read = terminal_reader(cache_root() / "history") if interactive else plain_reader
     note(f"thinking {'on' if think else 'off'} │ /help for commands, Ctrl-D to leave")
     with wired(m):
@@ -321,26 +386,35 @@ def generate(
     from .model.cache import KV_BITS as ALLOWED_KV_BITS
     from .repl import document_message, stats_line
 
+    global json_errors
+    json_errors = as_json
     sampling = run_or_fail(
         sampling_from, preset, think, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
     )
     if kv_bits is not None and kv_bits not in ALLOWED_KV_BITS:
         fail(f"--kv-bits: {kv_bits} is not one of {', '.join(map(str, ALLOWED_KV_BITS))}")
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
-    if file is not None:
-        message = run_or_fail(document_message, file, prompt or "")
-    elif prompt is None:
+    for name, value in (("--prompt", prompt), ("--system", system), *(("--stop", s) for s in stop)):
+        text_arg(name, value)
+    from_stdin = prompt is None and not sys.stdin.isatty()
+    if prompt is None and file is None and not from_stdin:
         fail("no prompt: pass --prompt TEXT, pipe the message on stdin, or --file PATH")
+    if file is None and prompt is not None and not prompt.strip():
+        fail("prompt: empty")
+    p = plan_model(model, precision)
+    context = context_of(p)  # bounds what is read: stdin or a file can be endless
+    if from_stdin:
+        prompt = run_or_fail(read_stdin, context)
+    if file is not None:
+        message = run_or_fail(document_message, file, prompt or "", context)
     elif not prompt.strip():
         fail("prompt: empty")
     else:
         message = prompt
-    m, tokenizer = open_model(model, precision, chat_template)
+    m, tokenizer = load_planned(p, chat_template)
     conversation = make_chat(
         m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
-        max_tokens=max_tokens, kv_bits=kv_bits, seed=seed,
+        max_tokens=capped_max_tokens(max_tokens, context), kv_bits=kv_bits, seed=seed,
     )
     gen = run_or_fail(conversation.send, message, images=image, videos=video, stop=stop)
     open_line = {"reasoning": False, "answer": False}  # text written without a final newline
@@ -402,6 +476,7 @@ def info(
     from .model.cache import KV_BITS as ALLOWED_KV_BITS
     from .models import DEFAULT_MODEL, DTYPE_NAMES, available_memory, build, footprint, plan
 
+    check_model(model, "MODEL")
     p = run_or_fail(plan, model, precision.value, convert=False)
     fp = footprint(run_or_fail(build, p, lazy=True))
     available, source = available_memory()
@@ -436,6 +511,8 @@ def main() -> None:
         if e.format_message():  # empty after no_args_is_help has shown the help
             hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
             err.print(Text("error: ", style="bold red") + Text(e.format_message() + hint))
+            if e.ctx is not None and e.ctx.info_name == "generate" and "--json" in sys.argv[1:]:
+                print_json_error(e.format_message())
         code = 2
     except typer.Abort:
         code = 130

@@ -4,7 +4,10 @@ The output folder holds sharded safetensors with an index, a ``config.json``
 carrying the quantization settings, and the checkpoint's tokenizer, chat
 template and preprocessor files. The vision tower and MTP head are kept, so
 later features need no re-conversion. The folder appears only when complete:
-everything is written to a temporary sibling folder, then renamed.
+everything is written to a temporary sibling folder, then renamed. That
+folder is removed if the conversion fails or is stopped (Ctrl-C, SIGTERM,
+SIGHUP); one left by a killed process is removed by the next conversion to
+the same place.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -168,6 +174,58 @@ def _write_shards(weights: dict[str, mx.array], out: Path, progress) -> int:
     return total
 
 
+@contextmanager
+def _signals_exit():
+    """SIGTERM and SIGHUP raise SystemExit meanwhile, so cleanup runs (by default they kill at once)."""
+    names = ("SIGTERM", "SIGHUP")
+    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        signals = []  # only the main thread may set handlers
+    # a handler someone else set (or an ignored signal, under nohup) stays theirs
+    signals = [n for n in signals if signal.getsignal(n) is signal.SIG_DFL]
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for n in signals:
+        signal.signal(n, handler)
+    try:
+        yield
+    finally:
+        for n in signals:
+            signal.signal(n, signal.SIG_DFL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary folders that killed conversions to ``out`` left (their names carry the writer's pid)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-.*")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not _alive(int(m[2])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _ours(folder: Path) -> bool:
+    """Whether ``folder`` was written by this converter (its config.json carries our marker)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and FORMAT_KEY in config
+
+
 @dataclass
 class Summary:
     path: Path
@@ -210,6 +268,17 @@ def convert(
         raise Qwen35Error(f"{out}: already exists; pass --force to replace it")
 
     src = resolve(hf_path)
+    if out.exists():  # --force deletes it: only one of our conversions or an empty folder, never the user's files
+        if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+            raise Qwen35Error(
+                f"--mlx-path {out}: contains the checkpoint being converted ({src}); choose another folder"
+            )
+        if not (out.is_dir() and not any(out.iterdir())) and not _ours(out):
+            raise Qwen35Error(
+                f"--mlx-path {out}: not a conversion written by mlx_qwen35 (no '{FORMAT_KEY}' in its config.json); "
+                "--force replaces only those or an empty folder: choose another --mlx-path"
+            )
+    _remove_stale(out)
     config = load_config(src)
     ckpt = read_checkpoint(src)
     fmt = detect_format(config.raw, ckpt.tensors)
@@ -235,27 +304,28 @@ def convert(
         raw["quantization_config"] = q
     weights = dict(tree_flatten(model.parameters()))
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
-    except OSError as e:
-        raise Qwen35Error(f"{out.parent}: cannot write here ({e.strerror})") from None
-    try:
-        total = _write_shards(weights, tmp, progress or (lambda *_: None))
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        _side_files(src, tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _signals_exit():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        except OSError as e:
+            raise Qwen35Error(f"{out.parent}: cannot write here ({e.strerror})") from None
+        try:
+            total = _write_shards(weights, tmp, progress or (lambda *_: None))
+            (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+            _side_files(src, tmp)
+            if out.exists():
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return _summarize(out, weights, params, total)
 

@@ -383,10 +383,12 @@ def expand_vision_tokens(
     for kind in ("image", "video"):
         n = ids.count(token[kind])
         if n != len(grids[kind]):
-            raise Qwen35Error(
-                f"prompt: {n} <|{kind}_pad|> placeholder(s) but {len(grids[kind])} {kind}(s) given; "
-                f"each {kind} needs exactly one placeholder"
+            hint = (
+                f": the chat template wrote none, so it cannot place {kind}s; pass one that can with --chat-template"
+                if n == 0
+                else f"; each {kind} needs exactly one placeholder"
             )
+            raise Qwen35Error(f"prompt: {n} <|{kind}_pad|> placeholder(s) but {len(grids[kind])} {kind}(s) given{hint}")
     if grids["video"]:
         if encode is None or video_timestamps is None or len(video_timestamps) != len(grids["video"]):
             raise Qwen35Error("videos: expanding a video needs `encode` and one timestamp list per video")

@@ -7,7 +7,9 @@ so it runs the same in a terminal, a pipe, or a test.
 
 from __future__ import annotations
 
+import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +19,9 @@ from rich.text import Text
 
 from .errors import Qwen35Error
 from .processor import load_image, load_video
+
+# The longest token of the Qwen3.5 vocabulary, in bytes: text longer than this × the context cannot fit it.
+MAX_TOKEN_BYTES = 128
 
 PROMPT = "› "
 MORE = "… "
@@ -61,15 +66,33 @@ def stats_line(r) -> str:
     return line
 
 
-def read_document(path) -> str:
-    """The text of a UTF-8 file, or a :class:`Qwen35Error` saying why it cannot be used."""
+def read_limited(name: str, stream, context: Optional[int]) -> bytes:
+    """``stream``'s bytes; a :class:`Qwen35Error` once there are more than a ``context``-token prompt can hold."""
+    if context is None:
+        return stream.read()
+    limit = MAX_TOKEN_BYTES * context
+    data = stream.read(limit + 1)  # never more: a device or an endless pipe would fill the memory
+    if len(data) > limit:
+        raise Qwen35Error(
+            f"{name}: over {limit:,} bytes, more than the model's context of {context:,} tokens can hold "
+            "(reading stopped there)"
+        )
+    return data
+
+
+def read_document(path, context: Optional[int] = None) -> str:
+    """The text of a UTF-8 file, or a :class:`Qwen35Error` saying why it cannot be used.
+
+    With ``context`` (the model's, in tokens), reading stops at what such a prompt can hold.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise Qwen35Error(f"{p}: no such file")
     if p.is_dir():
         raise Qwen35Error(f"{p}: is a folder, not a text file")
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            data = read_limited(str(p), f, context)
     except OSError as e:
         raise Qwen35Error(f"{p}: cannot be read ({e.strerror})") from None
     if b"\0" not in data:
@@ -80,12 +103,16 @@ def read_document(path) -> str:
     raise Qwen35Error(f"{p}: not a text file (binary, or not UTF-8)")
 
 
-def document_message(path, message: str = "") -> str:
-    """A user message carrying a text file's contents, then ``message``."""
-    text = read_document(path).strip("\n")
+def document_message(path, message: str = "", context: Optional[int] = None) -> str:
+    """A user message carrying a text file's contents, then ``message`` (``context``: see :func:`read_document`)."""
+    text = read_document(path, context).strip("\n")
     if not text.strip():
         raise Qwen35Error(f"{Path(path).expanduser()}: empty")
     return f"File {Path(path).name}:\n\n{text}" + (f"\n\n{message}" if message.strip() else "")
+
+
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 @dataclass
@@ -125,10 +152,13 @@ class Totals:
 class Repl:
     """An interactive conversation around a :class:`~mlx_qwen35.chat.Chat`."""
 
-    def __init__(self, chat, *, console: Console, read: Callable[[str], str]):
+    def __init__(self, chat, *, console: Console, read: Callable[[str], str], recovery: Optional[Path] = None):
+        from .models import cache_root
+
         self.chat = chat
         self.out = console
         self.read = read
+        self.recovery = recovery or cache_root() / "recovered"  # where an unexpected failure saves the conversation
         self.totals = Totals()
         self.attached: dict[str, list] = {"images": [], "videos": []}  # for the next message
         self.commands: dict[str, Callable[[str], Optional[bool]]] = {
@@ -164,6 +194,10 @@ class Repl:
                     return
             except KeyboardInterrupt:  # outside an answer: while reading a file, saving, loading
                 self.out.print(Text("[interrupted]", style="yellow"))
+            except Qwen35Error as e:
+                self.error(str(e))
+            except Exception as e:  # a bug or a system failure costs this one input, never the conversation
+                self.error(self.recover(e))
 
     def read_message(self) -> str:
         lines = [self.read(PROMPT)]
@@ -175,6 +209,11 @@ class Repl:
     def handle(self, text: str) -> bool:
         """Act on one input; False means leave."""
         if not text.strip():
+            return True
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # the reader maps bytes that are not UTF-8 to lone surrogates
+            self.error("input: not valid UTF-8 (the terminal sent bytes that are not text); nothing was done")
             return True
         stripped = text.strip()
         if stripped.startswith("/") and not stripped.startswith("//"):
@@ -232,6 +271,24 @@ class Repl:
     def error(self, message: str) -> None:
         self.out.print(Text(f"error: {message}", style="red"))
 
+    def recover(self, e: Exception) -> str:
+        """Save the conversation after an unexpected failure; one line saying what failed and where it is."""
+        what = f"unexpected {one_line(e)}"
+        if not self.chat.messages:
+            return what
+        path = self.recovery / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.session"
+        try:
+            self.recovery.mkdir(parents=True, exist_ok=True)
+            self.chat.save(path)
+        except Exception as e2:
+            return f"{what}; the conversation could not be saved ({one_line(e2)})"
+        return f"{what}; the conversation is saved in {path} (/load it to go on)"
+
+    @property
+    def context(self) -> int:
+        """The model's context, in tokens."""
+        return self.chat.model.config.text.max_position_embeddings
+
     def note(self, message: str) -> None:
         self.out.print(Text(message, style="dim"))
 
@@ -248,18 +305,21 @@ class Repl:
         if arg.lower() in ("off", "none"):
             self.chat.thinking_budget = None
         elif arg:
-            if not arg.isdigit():
+            if not arg.isdecimal():  # isdigit() also takes '²', which int() refuses
                 raise Qwen35Error(f"/budget: expected a number of tokens or off, got {arg!r}")
             self.chat.thinking_budget = int(arg)
         budget = self.chat.thinking_budget
         self.note(f"thinking budget {'off' if budget is None else f'{budget} tokens'}")
 
     def cmd_max(self, arg: str) -> None:
+        capped = ""
         if arg:
-            if not arg.isdigit() or int(arg) < 1:
+            if not arg.isdecimal() or int(arg) < 1:
                 raise Qwen35Error(f"/max: expected a number of tokens ≥ 1, got {arg!r}")
-            self.chat.max_tokens = int(arg)
-        self.note(f"answers up to {self.chat.max_tokens} tokens")
+            if int(arg) > self.context:  # as llama.cpp does: an answer cannot outgrow the context
+                capped = " (capped at the model's context)"
+            self.chat.max_tokens = min(int(arg), self.context)
+        self.note(f"answers up to {self.chat.max_tokens} tokens{capped}")
 
     def cmd_system(self, arg: str) -> None:
         self.chat.system = arg or None
@@ -272,7 +332,7 @@ class Repl:
             raise Qwen35Error(f"/file: {e}") from None
         if not words:
             raise Qwen35Error("/file: expected a PATH (and optionally a message)")
-        content = document_message(words[0], " ".join(words[1:]))
+        content = document_message(words[0], " ".join(words[1:]), self.context)
         self.note(f"sending {words[0]} ({len(content):,} characters)")
         self.send(content)
 
@@ -295,6 +355,8 @@ class Repl:
     def cmd_save(self, arg: str) -> None:
         if not arg:
             raise Qwen35Error("/save: expected a PATH")
+        if Path(arg).expanduser().is_dir():
+            raise Qwen35Error(f"/save: {Path(arg).expanduser()} is a folder; expected a file name (e.g. chat.session)")
         path = self.chat.save(Path(arg).expanduser())
         self.note(f"saved {len(self.chat.messages)} messages to {path}")
 

@@ -23,9 +23,10 @@ from mlx_qwen35 import models
 from mlx_qwen35.cli import Preset, app, main
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import PRESETS, prefill
-from mlx_qwen35.repl import document_message
+from mlx_qwen35.repl import MAX_TOKEN_BYTES, document_message
 
 runner = CliRunner()
+EMPTY_MODEL = "empty; expected a local folder or a hub id (leave it out for the default)"
 
 
 def invoke(*args, input=None):
@@ -128,12 +129,92 @@ def test_generate_file_and_stop(loaded, chat_model_dir, tmp_path):
         (["--min-p", "1"], "error: min_p: must be in [0, 1), got 1.0"),
         (["--kv-bits", "3"], "error: --kv-bits: 3 is not one of 4, 8"),
         (["-p", "   "], "error: prompt: empty"),
-        ([], "error: prompt: empty"),  # stdin is empty
+        (["-p", "caf\udcff"], "error: --prompt: not valid UTF-8"),  # how Python passes argv bytes that are not UTF-8
+        (["-p", "hi", "--system", "\udcff"], "error: --system: not valid UTF-8"),
+        (["-p", "hi", "--stop", "\udcff"], "error: --stop: not valid UTF-8"),
+        (["-p", "hi", "--model", ""], f"error: --model: {EMPTY_MODEL}"),
     ],
 )
 def test_generate_bad_values_fail_before_loading(args, message):
     r = invoke("generate", "--model", "/nonexistent/never/loaded", *args)
     assert one_error_line(r) == message and r.exit_code == 1
+
+
+@pytest.fixture
+def never_loaded(monkeypatch):
+    """Planning runs (it reads the config); loading the weights fails the test."""
+    monkeypatch.setattr(models, "load_plan", lambda *a: pytest.fail("loaded"))
+
+
+def test_bad_stdin_fails_before_loading(never_loaded, chat_model_dir):
+    limit = MAX_TOKEN_BYTES * 4096  # the tiny model's context
+    too_long = f"over {limit:,} bytes, more than the model's context of 4,096 tokens can hold (reading stopped there)"
+    for stdin, message in [
+        (b"", "error: prompt: empty"),
+        (b"caf\xff", "error: stdin: not valid UTF-8 (byte 3)"),
+        (b"word " * (limit // 5 + 1), f"error: stdin: {too_long}"),
+    ]:
+        assert one_error_line(invoke("generate", "--model", chat_model_dir, input=stdin)) == message
+    for args, message in [
+        (["chat", "--model", "/nonexistent/never/loaded", "--system", "\udcff"], "error: --system: not valid UTF-8"),
+        (["chat", "--model", ""], f"error: --model: {EMPTY_MODEL}"),
+        (["info", ""], f"error: MODEL: {EMPTY_MODEL}"),
+    ]:
+        assert one_error_line(invoke(*args)) == message
+
+
+def test_file_reading_stops_at_what_the_context_holds(never_loaded, chat_model_dir, tmp_path):
+    limit = MAX_TOKEN_BYTES * 4096
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(limit + 1)  # sparse: nothing is written
+    message = f"over {limit:,} bytes, more than the model's context of 4,096 tokens can hold (reading stopped there)"
+    assert one_error_line(invoke("generate", "--model", chat_model_dir, "--file", big)) == f"error: {big}: {message}"
+    # endless: only the bound ends it
+    assert one_error_line(invoke("generate", "--model", chat_model_dir, "--file", "/dev/zero")) == (
+        f"error: /dev/zero: {message}"
+    )
+
+
+def test_max_tokens_is_capped_at_the_context(loaded, chat_model_dir, monkeypatch):
+    asked = []
+
+    def send(self, *a, **k):
+        asked.append(self.max_tokens)
+        raise Qwen35Error("stopped here")
+
+    monkeypatch.setattr(mlx_qwen35.Chat, "send", send)
+    r = invoke("generate", "--model", chat_model_dir, "-p", "Hi", "--max-tokens", "99999999999999999999999")
+    assert one_error_line(r) == "error: stopped here" and asked == [4096]  # the tiny model's context
+    assert "--max-tokens: 99999999999999999999999 is more than the model's context; capped at 4096 tokens" in r.stderr
+
+
+def test_json_errors_are_json_on_stdout(tmp_path, monkeypatch, capsys):
+    r = invoke("generate", "--model", tmp_path / "missing", "-p", "hi", "--json")
+    line = one_error_line(r)  # the plain line stays on stderr
+    assert r.exit_code == 1 and json.loads(r.stdout) == {"error": line.removeprefix("error: ")}
+    assert line.startswith(f"error: {tmp_path / 'missing'}: no such folder")
+    r = invoke("generate", "--model", tmp_path / "missing", "-p", "caf\udcff", "--json")
+    assert json.loads(r.stdout) == {"error": "--prompt: not valid UTF-8"}
+    # a usage error, from the console entry point
+    monkeypatch.setattr(sys, "argv", ["mlx_qwen35", "generate", "--json", "--max-tokens", "0"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "--max-tokens" in json.loads(out.out)["error"] and out.err.startswith("error:")
+
+
+def test_bytes_that_are_not_utf8_from_a_real_process(chat_model_dir, tmp_path):
+    """Python turns such argv bytes into lone surrogates, and stdin's into a decoding error: one line each."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    cli = [sys.executable, "-m", "mlx_qwen35.cli", "generate", "--model", str(chat_model_dir)]
+    for extra, stdin, message in [
+        ([b"-p", b"caf\xff", b"--json"], b"", "--prompt: not valid UTF-8"),
+        ([b"--json"], b"caf\xff", "stdin: not valid UTF-8 (byte 3)"),
+    ]:
+        out = subprocess.run(cli + extra, input=stdin, capture_output=True, env=env, timeout=300)
+        assert out.returncode == 1 and b"Traceback" not in out.stderr, out.stderr
+        assert json.loads(out.stdout) == {"error": message}
 
 
 def test_generate_bad_inputs(loaded, chat_model_dir, tmp_path):
@@ -170,6 +251,8 @@ def test_usage_errors_are_one_line(monkeypatch, capsys):
         (["generate", "--max-tokens", "0"], "error: Invalid value for '--max-tokens'"),
         (["chat", "--precision", "3bit"], "error: Invalid value for '--precision'"),
         (["generate", "--top-k", "many"], "error: Invalid value for '--top-k'"),
+        (["generate", "--seed", "-1"], "error: Invalid value for '--seed'"),
+        (["chat", "--seed", str(2**64)], "error: Invalid value for '--seed'"),
         (["generate", "--chat-template", "/no/such/template.jinja"], "error: Invalid value for '--chat-template'"),
         (["nonsense"], "error: No such command 'nonsense'."),
     ]:
@@ -361,3 +444,23 @@ def test_generate_with_images_and_a_video(loaded, chat_model_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("words")
     line = one_error_line(invoke("generate", "--model", chat_model_dir, "-p", "hi", "--image", tmp_path / "notes.txt"))
     assert f"{tmp_path / 'notes.txt'}" in line
+
+
+def test_a_template_that_cannot_place_images_says_so(loaded, chat_model_dir, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(img)
+    text_only = tmp_path / "text_only.jinja"  # ChatML that writes only the text of a message
+    text_only.write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+        "{% if c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    line = one_error_line(invoke("generate", "--model", chat_model_dir, "-p", "What is this?", "--image", img,
+                                 "--chat-template", text_only))
+    assert line == (
+        "error: prompt: 0 <|image_pad|> placeholder(s) but 1 image(s) given: the chat template wrote none, "
+        "so it cannot place images; pass one that can with --chat-template"
+    )

@@ -105,14 +105,50 @@ def test_float_quant_modes_upgrade_sensitive_layers(hf_text, tmp_path):
 
 def test_refuses_to_overwrite_without_force(hf_text, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    convert(hf_text.path, out, dtype="float32")
     (out / "keep.txt").write_text("mine")
     with pytest.raises(Qwen35Error, match="already exists; pass --force"):
         convert(hf_text.path, out, dtype="float32")
     assert (out / "keep.txt").read_text() == "mine"
-    convert(hf_text.path, out, dtype="float32", force=True)
+    convert(hf_text.path, out, dtype="float32", force=True)  # one of our conversions: replaced
     assert not (out / "keep.txt").exists()
     assert (out / "config.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert(hf_text.path, empty, dtype="float32", force=True)
+    assert (empty / "config.json").is_file()
+
+
+def test_force_replaces_only_our_conversions(hf_text, tmp_path, monkeypatch):
+    src = copy_ckpt(hf_text.path, tmp_path / "models" / "ckpt")
+    before = sorted(p.name for p in src.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    also_mine = tmp_path / "file.txt"
+    also_mine.write_text("mine")
+    ours_around_src = copy_ckpt(hf_text.path, tmp_path / "ours")
+    convert(hf_text.path, tmp_path / "conv", dtype="float32")
+    shutil.copy(tmp_path / "conv" / "config.json", ours_around_src / "config.json")  # marked as ours, holds the source
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "report.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    for out, source, expected in [
+        (tmp_path / "models", src, "contains the checkpoint being converted"),  # the parent of the source
+        (src, src, "contains the checkpoint being converted"),  # the source itself
+        (Path("."), src, "not a conversion written by mlx_qwen35"),  # the current folder
+        (mine, src, "not a conversion written by mlx_qwen35"),
+        (also_mine, src, "not a conversion written by mlx_qwen35"),
+        (ours_around_src, ours_around_src / ".." / "ours", "contains the checkpoint being converted"),
+    ]:
+        with pytest.raises(Qwen35Error, match=expected) as e:
+            convert(source, out, dtype="float32", force=True)
+        assert str(e.value).startswith(f"--mlx-path {Path(out).absolute()}: ")
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert (mine / "notes.txt").read_text() == "mine" and also_mine.read_text() == "mine"
+    assert (tmp_path / "work" / "report.txt").read_text() == "mine"
+    msg = cli_error(["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "models"), "--force"])
+    assert "contains the checkpoint being converted" in msg and sorted(p.name for p in src.iterdir()) == before
 
 
 def test_interrupted_conversion_leaves_nothing(hf_text, tmp_path):
@@ -123,6 +159,46 @@ def test_interrupted_conversion_leaves_nothing(hf_text, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         convert(hf_text.path, tmp_path / "out", dtype="float32", progress=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+STOPPED = """
+import os, signal, sys
+from mlx_qwen35.convert import convert
+
+def progress(done, total, name):
+    if done == 3:  # mid-way through the shards, as a system shutting down would
+        os.kill(os.getpid(), signal.{signal})
+
+convert(sys.argv[1], sys.argv[2], dtype="float32", progress=progress)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_conversion_stopped_by_a_signal_leaves_nothing(hf_text, tmp_path, name):
+    import signal
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", STOPPED.format(signal=name), str(hf_text.path), str(tmp_path / "out")],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 128 + getattr(signal, name), r.stderr  # exited, not killed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_folders_of_dead_conversions_are_removed(hf_text, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    for name in (f".out.tmp-{dead}-x1", f".out.old-{dead}-x2", f".out.tmp-{os.getpid()}-x3", f".other.tmp-{dead}-x4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    convert(hf_text.path, tmp_path / "out", dtype="float32")
+    # a live writer's folder stays, and so does another output's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{dead}-x4", f".out.tmp-{os.getpid()}-x3", "out"]
 
 
 def test_cli_convert_prints_summary(hf_text, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import select
@@ -13,12 +14,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from rich.console import Console
 
+from mlx_qwen35 import chat as chat_module
 from mlx_qwen35.chat import Chat
 from mlx_qwen35.generate import GenerationResult, Sampling
-from mlx_qwen35.repl import Repl, Totals, document_message, stats_line
+from mlx_qwen35.repl import MAX_TOKEN_BYTES, Repl, Totals, document_message, stats_line
 
 GREEDY = Sampling(temperature=0.0)
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[=>])")
@@ -131,6 +134,9 @@ def test_scripted_session_in_a_terminal(chat_model_dir, tmp_path):
         term.expect(r"answers up to 40 tokens")
         term.line("/bogus")
         term.expect(r"error: unknown command /bogus")
+        term.expect("›")
+        os.write(term.fd, b"caf\xff\r")  # a byte that is not UTF-8, as a terminal in another encoding sends it
+        term.expect(r"error: input: not valid UTF-8")
 
         # first turn, typed on two lines: reasoning (dimmed, under its header), then the answer and the figures
         term.line("Hello \\")
@@ -146,7 +152,7 @@ def test_scripted_session_in_a_terminal(chat_model_dir, tmp_path):
         term.line("/think off")
         term.expect(r"thinking off")
         term.line("/max 100000")
-        term.expect(r"answers up to 100000 tokens")
+        term.expect(r"answers up to 4096 tokens \(capped at the model's context\)")
         term.line("Tell me a long story.")
         term.expect(r"Tell me a long story\.\n\s*\S")
         term.interrupt()
@@ -183,9 +189,9 @@ def script(lines):
     return read
 
 
-def repl_for(chat, lines, file=None):
+def repl_for(chat, lines, file=None, recovery=None):
     console = Console(file=file or io.StringIO(), width=200, soft_wrap=True, color_system=None)
-    return Repl(chat, console=console, read=script(lines))
+    return Repl(chat, console=console, read=script(lines), recovery=recovery)
 
 
 def output(repl) -> str:
@@ -202,7 +208,7 @@ def test_settings_commands_and_bad_input(chat):
     repl = repl_for(
         chat,
         ["/think on", "/budget 7", "/max 9", "/system Be terse.", "", "   ", "/think maybe", "/budget x",
-         "/max 0", "/nope", "/file", "/save", KeyboardInterrupt(), "/help", "/quit", "never read"],
+         "/max 0", "/max ²", "/nope", "/file", "/save", KeyboardInterrupt(), "/help", "/quit", "never read"],
     )
     repl.run()
     out = output(repl)
@@ -213,6 +219,7 @@ def test_settings_commands_and_bad_input(chat):
         "error: /think: expected on or off, got 'maybe'",
         "error: /budget: expected a number of tokens or off, got 'x'",
         "error: /max: expected a number of tokens ≥ 1, got '0'",
+        "error: /max: expected a number of tokens ≥ 1, got '²'",
         "error: unknown command /nope (/help lists them)",
         "error: /file: expected a PATH (and optionally a message)",
         "error: /save: expected a PATH",
@@ -383,3 +390,117 @@ def test_image_and_video_attach_to_the_next_message(chat, tmp_path):
     assert [m.kind for m in chat.media] == ["image", "video"]  # attached to the first message only
     first, second = chat.messages[0]["content"], chat.messages[2]["content"]
     assert [c["type"] for c in first] == ["image", "video", "text"] and second == "And now?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing typed crashes the session
+
+
+def errors_of(repl) -> list[str]:
+    return [line for line in output(repl).splitlines() if line.startswith("error:")]
+
+
+def test_input_that_is_not_utf8_is_one_line(chat):
+    # what a reader makes of bytes that are not UTF-8 (prompt-toolkit and Python's stdin: surrogateescape)
+    bad = b"caf\xff".decode("utf-8", "surrogateescape")
+    repl = repl_for(chat, [bad, f"/system {bad}", "/stats"])
+    repl.run()
+    message = "error: input: not valid UTF-8 (the terminal sent bytes that are not text); nothing was done"
+    assert errors_of(repl) == [message] * 2
+    assert chat.system is None and chat.history == [] and "0 turns" in output(repl)
+
+
+def test_save_onto_a_folder_is_one_line(chat, tmp_path):
+    repl = repl_for(chat, ["Hi.", f"/save {tmp_path}", "/stats"])
+    repl.run()
+    assert errors_of(repl) == [f"error: /save: {tmp_path} is a folder; expected a file name (e.g. chat.session)"]
+    assert "conversation: 2 messages" in output(repl)
+
+
+def rewrite_session(src: Path, dst: Path, edit) -> Path:
+    """``src`` with its metadata edited and its checksum recomputed, so that only the edit is wrong."""
+    arrays, metadata = mx.load(str(src), format="safetensors", return_metadata=True)
+    meta = json.loads(metadata["session"])
+    meta.pop("digest")
+    edit(meta)
+    meta["digest"] = chat_module._digest(meta, arrays)
+    tmp = dst.with_suffix(".safetensors")  # MLX would append the suffix
+    mx.save_safetensors(str(tmp), arrays, metadata={"session": json.dumps(meta)})
+    return tmp.rename(dst)
+
+
+def test_load_of_malformed_metadata_is_one_line(chat, tmp_path):
+    saved = tmp_path / "good.session"
+    chat.ask("Hi.")
+    chat.save(saved)
+    cases = {  # what is edited → what the one line says
+        "settings.think": (lambda m: m["settings"].pop("think"), "lacks 'settings.think'"),
+        "model": (lambda m: m.pop("model"), "lacks 'model'"),
+        "tokens": (lambda m: m.update(tokens="1 2 3"), "'tokens' must be a list of token ids, got \"1 2 3\""),
+        "max_tokens": (
+            lambda m: m["settings"].update(max_tokens=True),
+            "'settings.max_tokens' must be a number of tokens, got true",
+        ),
+        "sampling": (
+            lambda m: m["settings"].update(sampling={"temp": 0}), "'settings.sampling' has an unknown key 'temp'"
+        ),
+        "role": (lambda m: m["messages"][0].pop("role"), "lacks 'messages.0.role'"),
+        "kv_offsets": (lambda m: m["kv_offsets"].pop(), "'kv_offsets' has 3 layers, not 4"),  # TEXT: 4 layers
+    }
+    paths = {name: rewrite_session(saved, tmp_path / f"{name}.session", edit) for name, (edit, _) in cases.items()}
+    repl = repl_for(chat, [f"/load {p}" for p in paths.values()] + ["/stats"])
+    repl.run()
+    expected = [f"error: {paths[name]}: session metadata {message}" for name, (_, message) in cases.items()]
+    assert errors_of(repl) == expected
+    assert repl.chat is chat and "conversation: 2 messages" in output(repl)
+    untouched = rewrite_session(saved, tmp_path / "same.session", lambda m: None)
+    assert Chat.load(untouched, chat.model, chat.tokenizer).messages == chat.messages
+
+
+def test_unexpected_failure_saves_the_conversation(chat, tmp_path, monkeypatch):
+    def broken():
+        raise RuntimeError("disk\nfull")
+
+    repl = repl_for(chat, ["/reset", "Hi.", "/reset", "/stats"], recovery=tmp_path / "recovered")
+    monkeypatch.setattr(chat, "reset", broken)
+    repl.run()
+    first, second = errors_of(repl)
+    assert first == "error: unexpected RuntimeError: disk full"  # nothing to save yet
+    saved = r"error: unexpected RuntimeError: disk full; the conversation is saved in (\S+) \(/load it to go on\)"
+    m = re.fullmatch(saved, second)
+    assert m, second
+    path = Path(m[1])
+    assert path.parent == tmp_path / "recovered" and path.suffix == ".session"
+    assert Chat.load(path, chat.model, chat.tokenizer).messages == chat.messages
+    assert "1 turn" in output(repl)  # the REPL went on
+
+
+def test_max_is_capped_at_the_context(chat):
+    context = chat.model.config.text.max_position_embeddings
+    repl = repl_for(chat, ["/max 99999999999999999999999", f"/max {context - 1}"])
+    repl.run()
+    assert f"answers up to {context} tokens (capped at the model's context)" in output(repl)
+    assert f"answers up to {context - 1} tokens\n" in output(repl) and chat.max_tokens == context - 1
+
+
+def test_max_token_bytes_is_the_longest_token():
+    import base64
+
+    from tokenizer_fixture import _tiktoken_file
+
+    ranks = _tiktoken_file().read_bytes().split()[::2]  # lines of "base64-token rank"
+    assert max(len(base64.b64decode(t)) for t in ranks) == MAX_TOKEN_BYTES
+
+
+def test_file_reading_stops_at_what_the_context_holds(chat, tmp_path):
+    limit = MAX_TOKEN_BYTES * chat.model.config.text.max_position_embeddings
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(limit + 1)  # sparse: nothing is written
+    repl = repl_for(chat, [f"/file {big}"])
+    repl.run()
+    message = f"over {limit:,} bytes, more than the model's context of 4,096 tokens can hold (reading stopped there)"
+    assert errors_of(repl) == [f"error: {big}: {message}"]
+    repl = repl_for(chat, ["/file /dev/zero", "/stats"])  # endless: only the bound ends it
+    repl.run()
+    assert errors_of(repl) == [f"error: /dev/zero: {message}"] and chat.messages == []
