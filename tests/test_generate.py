@@ -335,8 +335,7 @@ def test_streamed_pieces_are_the_result_texts(qwen35_tokenizer, data, reasoning)
         assert joined(pieces, kind) == "".join(stream.parts[kind])
     # The tokenizer's own decoding of the whole sequence, split once, is what streamed
     # (less a leading space, which mlx-lm's streaming BPE detokenizer drops).
-    text = tok.decode(ids)
-    text = text[1:] if text.startswith(" ") else text
+    text = tok.decode(ids).removeprefix(" ")
     assert (joined(pieces, "reasoning"), joined(pieces, "answer")) == split_reasoning(text, thinking_opened=reasoning)
     # With stop strings (some taken from the text itself): the same text, cut before the first one.
     full = joined(pieces)
@@ -349,12 +348,3 @@ def test_streamed_pieces_are_the_result_texts(qwen35_tokenizer, data, reasoning)
     assert joined(cut_pieces) == full[: min(hits, default=len(full))]
     assert stream.stopped == bool(hits)
 
-
-def test_generated_text_ends_once(chat_model):
-    # A stop string never seen holds back the last characters until the end: they come out once.
-    model, tok = chat_model
-    gen = stream_generate(model, tok, "Hello", max_tokens=12, sampling=GREEDY, stop=["never-seen"])
-    pieces = list(gen)
-    r = gen.result
-    assert joined(pieces) == r.text == tok.decode(r.tokens)
-    assert r.finish_reason == "length" and r.reasoning == ""

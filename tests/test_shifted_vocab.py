@@ -16,7 +16,7 @@ from conftest import rel_err
 from tokenizer_fixture import added_tokens, write_tokenizer
 
 from mlx_qwen35.chat import Chat
-from mlx_qwen35.generate import CLOSING, Sampling, generate, prefill
+from mlx_qwen35.generate import CLOSING, Sampling, generate, prefill, stream_generate
 from mlx_qwen35.loading import load_model
 from mlx_qwen35.repl import stats_line
 from mlx_qwen35.tokenizer import load_tokenizer, render_prompt
@@ -127,8 +127,8 @@ def test_models_own_think_tags_are_seen(tiny, steer):
     closing = tok.encode(CLOSING, add_special_tokens=False)
     # The model closes its reasoning itself before the budget: nothing is added to the answer.
     steer({1: think_close}, avoid=stops + [think_open])
-    r = generate(model, tok, "Think.", think=True, thinking_budget=4, max_tokens=24, sampling=GREEDY)
-    assert r.tokens[1] == think_close and len(r.tokens) == 24
+    r = generate(model, tok, "Think.", think=True, thinking_budget=4, max_tokens=60, sampling=GREEDY)
+    assert r.tokens[1] == think_close and len(r.tokens) == 60
     assert SENTENCE not in r.reasoning + r.text and r.text
     # The model opens reasoning while answering: the budget closes it.
     steer({1: think_open}, avoid=stops + [think_close])
@@ -149,3 +149,17 @@ def test_generation_stops_at_the_context(tiny, steer):
     # A token limit reached at the same point is still the token limit.
     r = generate(model, tok, "Hello", max_tokens=CONTEXT - prompt, sampling=GREEDY)
     assert r.finish_reason == "length" and r.generation_tokens == CONTEXT - prompt
+
+
+def test_streamed_text_is_the_result_text(tiny, steer):
+    # An answer ending in a newline (held back in case "</think>" follows), under a
+    # stop string that holds back the last characters too: all of it comes out once.
+    model, tok = tiny
+    (newline,) = tok.encode("\n", add_special_tokens=False)
+    steer({7: newline}, avoid=ids_of(tok, "<|im_end|>", "<|endoftext|>", "<think>", "</think>"))
+    gen = stream_generate(model, tok, "Hello", max_tokens=8, sampling=GREEDY, stop=["never-seen"])
+    pieces = list(gen)
+    r = gen.result
+    assert r.tokens[-1] == newline
+    # (the tokenizer's decoding, less the leading space mlx-lm's streaming detokenizer drops)
+    assert "".join(p.text for p in pieces) == r.text == tok.decode(r.tokens).removeprefix(" ")
