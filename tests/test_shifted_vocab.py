@@ -8,14 +8,17 @@ model's ``<|im_end|>`` or ``</think>``), its output head is steered to it.
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import TEXT, build_hf_checkpoint
+from checkpoints import TEXT, build_hf_checkpoint, write_tiny_tokenizer
 from conftest import rel_err
 from tokenizer_fixture import added_tokens, write_tokenizer
 
 from mlx_qwen35.chat import Chat
+from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import CLOSING, Sampling, generate, prefill, stream_generate
 from mlx_qwen35.loading import load_model
 from mlx_qwen35.repl import stats_line
@@ -80,6 +83,19 @@ def test_ids_are_this_vocabularys(tiny):
     im_end, endoftext = ids_of(tok, "<|im_end|>", "<|endoftext|>")
     assert (im_end, endoftext) == (481, 479)  # shifted from the real 248046 and 248044
     assert tok.eos_token_ids == {im_end, endoftext}
+
+
+def test_tokenizer_without_im_end_is_refused(tmp_path):
+    write_tiny_tokenizer(tmp_path)  # bytes, then <|endoftext|>, <|im_start|>, <|im_end|>; no <think>
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    assert load_tokenizer(tmp_path).eos_token_ids == {256, 258}
+    doc = json.loads((tmp_path / "tokenizer.json").read_text())
+    doc["added_tokens"] = [t for t in doc["added_tokens"] if t["content"] != "<|im_end|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, eos_token="<|endoftext|>")))
+    with pytest.raises(Qwen35Error, match=r"has no <\|im_end\|> token \(the end of a chat turn\)"):
+        load_tokenizer(tmp_path)
 
 
 def test_generation_stops_at_im_end(tiny, steer):
