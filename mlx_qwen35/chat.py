@@ -28,14 +28,13 @@ from .media import Media, load_media, prompt_inputs, user_content
 from .model import cache as hybrid
 from .processor import ImageSource
 from .reasoning import thinking_opened
-from .tokenizer import render_text
+from .tokenizer import render_text, special_tokens
 from .weights import check_safetensors
 
 SNAPSHOT_EVERY = 4096
 MAX_SNAPSHOTS = 16
 SESSION_FORMAT = "mlx_qwen35.session"
 SESSION_VERSION = 1
-IM_START = 248045
 
 
 def model_identity(model) -> str:
@@ -118,7 +117,8 @@ class Chat:
         )
         ids = inputs.ids
         start = self._restore(ids)
-        stops = [i for i, t in enumerate(ids) if t == IM_START and i > start]
+        im_start = special_tokens(self.tokenizer).im_start
+        stops = [i for i, t in enumerate(ids) if t == im_start and i > start]
         stops += range(start + SNAPSHOT_EVERY, len(ids), SNAPSHOT_EVERY)
         tail = lambda x, axis: None if x is None else x[(slice(None),) * axis + (slice(start, None),)]
         inner = run(

@@ -8,11 +8,13 @@ the checkpoint's own chat template.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -26,9 +28,8 @@ from .model import Model
 from .model import cache as hybrid
 from .processor import ImageSource
 from .reasoning import ReasoningSplitter, thinking_opened
-from .tokenizer import STOP_TOKEN_IDS, render_text
+from .tokenizer import SpecialTokens, render_text, special_tokens
 
-THINK_OPEN_ID, THINK_CLOSE_ID = 248068, 248069
 # Appended when the thinking budget or the loop guard ends reasoning: a sentence
 # that reads naturally, then the template's own closing ("\n</think>\n\n").
 CLOSING = "\n\nI have thought about this enough; time to give the answer.\n</think>\n\n"
@@ -50,6 +51,10 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise Qwen35Error(f"{name}: must be a finite number, got {value!r}")
         checks = (
             ("temperature", self.temperature >= 0, "≥ 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
@@ -124,7 +129,7 @@ class Piece:
 class GenerationResult:
     text: str
     reasoning: str
-    finish_reason: Literal["stop", "length", "interrupted"]
+    finish_reason: Literal["stop", "length", "context", "interrupted"]
     prompt_tokens: int
     prefilled_tokens: int  # prompt tokens actually run (the rest came from a cache)
     generation_tokens: int
@@ -208,8 +213,11 @@ class ThinkingControl:
     ``WORD_GRACE`` tokens), so no word is split.
     """
 
-    def __init__(self, tokenizer, *, reasoning: bool, budget: Optional[int]):
+    def __init__(
+        self, tokenizer, *, reasoning: bool, budget: Optional[int], special: SpecialTokens = SpecialTokens()
+    ):
         self.tokenizer = tokenizer
+        self.special = special
         self.reasoning = reasoning
         self.budget = budget
         self.count = 0  # reasoning tokens the model generated
@@ -226,12 +234,12 @@ class ThinkingControl:
 
     def observe(self, token: int) -> Optional[list[int]]:
         """Accept ``token`` (None) or return the tokens to feed instead."""
-        if token == THINK_OPEN_ID:
+        if token == self.special.think_open:
             self.reasoning = True
             return None
         if not self.reasoning:
             return None
-        if token == THINK_CLOSE_ID or token in STOP_TOKEN_IDS:
+        if token == self.special.think_close or token in self.special.stop:
             self.reasoning = False
             return None
         text = self.tokenizer.decode([token])
@@ -291,8 +299,9 @@ def decode_tokens(
     control: ThinkingControl,
     max_tokens: int,
     rope_delta: int = 0,
+    stop: Collection[int] = (),
 ) -> Iterator[int]:
-    """Sample up to ``max_tokens`` tokens, feeding each back through ``cache``.
+    """Sample up to ``max_tokens`` tokens, feeding each back through ``cache``, ending after a ``stop`` id.
 
     The next step is queued before the current token is handed out, so the
     model computes while the caller detokenizes. Forced tokens (the closing of
@@ -321,7 +330,7 @@ def decode_tokens(
             yield from forced
             continue
         generated.append(token)
-        if token in STOP_TOKEN_IDS or len(generated) == max_tokens:
+        if token in stop or len(generated) == max_tokens:
             yield token
             return
         y = step([token])
@@ -359,6 +368,7 @@ class TextStream:
     def __init__(self, tokenizer, *, reasoning: bool, stop: Sequence[str] = ()):
         self.detok = tokenizer.detokenizer
         self.detok.reset()
+        self.special = special_tokens(tokenizer)
         self.splitter = ReasoningSplitter(thinking_opened=reasoning)
         self.stop = [s for s in stop if s]
         self.parts = {"reasoning": [], "answer": []}
@@ -366,7 +376,7 @@ class TextStream:
         self._pending: list[Piece] = []
 
     def add(self, token: int) -> list[Piece]:
-        if token in STOP_TOKEN_IDS:
+        if token in self.special.stop:
             return []
         self.detok.add_token(token)
         return self._route(self.splitter.feed(self.detok.last_segment))
@@ -374,11 +384,11 @@ class TextStream:
     def finish(self) -> list[Piece]:
         self.detok.finalize()
         out = self._route(self.splitter.feed(self.detok.last_segment) + self.splitter.finish())
-        out += self._pending
-        self._pending = []
-        for p in out:
+        # The held-back tail can no longer become a stop string; _route recorded the rest.
+        rest, self._pending = self._pending, []
+        for p in rest:
             self.parts[p.kind].append(p.text)
-        return out
+        return out + rest
 
     def _route(self, pieces) -> list[Piece]:
         """Queue new pieces; release those that can no longer start a stop string."""
@@ -502,8 +512,11 @@ def _run(holder, model, tokenizer, prompt, cache, reasoning, sampling, max_token
         # Presence counts the whole answer, as the model card's OpenAI-style setting means.
         presence_context_size=max_tokens,
     )
+    special = special_tokens(tokenizer)
     stream = TextStream(tokenizer, reasoning=reasoning, stop=stop)
-    control = ThinkingControl(tokenizer, reasoning=reasoning, budget=budget)
+    control = ThinkingControl(tokenizer, reasoning=reasoning, budget=budget, special=special)
+    # The reply ends where the model's context does.
+    limit = min(max_tokens, model.config.text.max_position_embeddings - len(prompt))
     mx.reset_peak_memory()
     tokens: list[int] = []
     finish = "length"
@@ -516,13 +529,15 @@ def _run(holder, model, tokenizer, prompt, cache, reasoning, sampling, max_token
         t1 = time.perf_counter()
         for token in decode_tokens(
             model, logits, cache, sampler=sampler, processors=processors, control=control,
-            max_tokens=max_tokens, rope_delta=rope_delta,
+            max_tokens=limit, rope_delta=rope_delta, stop=special.stop,
         ):
             tokens.append(token)
             yield from stream.add(token)
-            if token in STOP_TOKEN_IDS or stream.stopped:
+            if token in special.stop or stream.stopped:
                 finish = "stop"
                 break
+        else:
+            finish = "context" if limit < max_tokens else "length"
         yield from stream.finish()
     except (KeyboardInterrupt, GeneratorExit):
         finish = "interrupted"

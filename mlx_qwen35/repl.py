@@ -63,6 +63,8 @@ def stats_line(r) -> str:
     )
     if r.finish_reason == "length":
         line += " │ hit the token limit"
+    elif r.finish_reason == "context":
+        line += " │ hit the model's context length"
     return line
 
 

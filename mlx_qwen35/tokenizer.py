@@ -9,6 +9,7 @@ with a template file the user names explicitly, which overrides both.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,12 +19,42 @@ from mlx_lm.utils import load_tokenizer as _mlx_lm_load_tokenizer
 
 from .errors import Qwen35Error
 
-# <|im_end|> ends a chat turn; <|endoftext|> is the text model's eos.
-STOP_TOKEN_IDS = (248046, 248044)
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the chat control tokens in one tokenizer's vocabulary (a vocabulary may place them anywhere)."""
+
+    stop: frozenset[int] = frozenset()  # ends a reply: <|im_end|>, <|endoftext|> and the tokenizer's eos
+    im_start: Optional[int] = None  # begins every message
+    think_open: Optional[int] = None
+    think_close: Optional[int] = None
+
+
+def special_tokens(tokenizer) -> SpecialTokens:
+    """The chat control token ids of ``tokenizer``, looked up in its vocabulary once and kept on it."""
+    try:
+        return tokenizer._special_tokens
+    except AttributeError:
+        pass
+
+    def find(token: str) -> Optional[int]:
+        i = tokenizer.convert_tokens_to_ids(token)
+        # A missing token maps to None or to the unknown token's id.
+        return i if i is not None and tokenizer.convert_ids_to_tokens(i) == token else None
+
+    im_end, endoftext = find("<|im_end|>"), find("<|endoftext|>")
+    if im_end is None:
+        raise Qwen35Error(f"{tokenizer.name_or_path}: the tokenizer has no <|im_end|> token (the end of a chat turn)")
+    stop = {im_end, *getattr(tokenizer, "eos_token_ids", ())}
+    if endoftext is not None:
+        stop.add(endoftext)
+    found = SpecialTokens(frozenset(stop), find("<|im_start|>"), find("<think>"), find("</think>"))
+    tokenizer._special_tokens = found
+    return found
 
 
 def load_tokenizer(folder: Union[str, Path], chat_template: Optional[Union[str, Path]] = None) -> TokenizerWrapper:
-    """Load the tokenizer of the checkpoint in ``folder``, stopping on <|im_end|> and <|endoftext|>.
+    """Load the tokenizer of the checkpoint in ``folder``, stopping on its <|im_end|> and <|endoftext|>.
 
     ``chat_template``: a Jinja template file that replaces the checkpoint's own.
     """
@@ -41,7 +72,9 @@ def load_tokenizer(folder: Union[str, Path], chat_template: Optional[Union[str, 
         if not path.is_file():
             raise Qwen35Error(f"--chat-template {path}: no such file (expected a Jinja chat template)")
         extra["chat_template"] = path.read_text(encoding="utf-8")
-    return _mlx_lm_load_tokenizer(folder, tokenizer_config_extra=extra, eos_token_ids=list(STOP_TOKEN_IDS))
+    tokenizer = _mlx_lm_load_tokenizer(folder, tokenizer_config_extra=extra)
+    tokenizer.eos_token_ids = special_tokens(tokenizer).stop
+    return tokenizer
 
 
 def render_text(

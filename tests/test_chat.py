@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from mlx_qwen35.chat import IM_START, Chat
+from mlx_qwen35.chat import Chat
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import Sampling, prefill
 from mlx_qwen35.tokenizer import render_prompt
@@ -27,6 +27,7 @@ def test_six_turns_with_thinking_reuse_the_cache_exactly(chat_model):
     model, tok = chat_model
     chat = Chat(model, tok, think=True, thinking_budget=6, sampling=GREEDY, max_tokens=14, system="Be brief.")
     previous: list[int] = []
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
     for i, message in enumerate(TURNS):
         gen = chat.send(message)
         list(gen)
@@ -36,7 +37,7 @@ def test_six_turns_with_thinking_reuse_the_cache_exactly(chat_model):
         assert rel_err(np.array(gen.prompt_logits), cold_logits(model, ids)) < 1e-5
         # …having run only the tokens after the latest message boundary inside the shared prefix.
         common = next((j for j, (a, b) in enumerate(zip(ids, previous)) if a != b), min(len(ids), len(previous)))
-        restored = max([0] + [j for j in range(common + 1) if j < len(ids) and ids[j] == IM_START])
+        restored = max([0] + [j for j in range(common + 1) if j < len(ids) and ids[j] == im_start])
         assert gen.result.prefilled_tokens == len(ids) - restored
         if i:
             assert restored > 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizer_fixture import byte_to_unicode
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import (
@@ -12,6 +15,7 @@ from mlx_qwen35.generate import (
     PRESETS,
     WORD_GRACE,
     Sampling,
+    TextStream,
     ThinkingControl,
     continues_word,
     generate,
@@ -20,6 +24,7 @@ from mlx_qwen35.generate import (
     run,
     stream_generate,
 )
+from mlx_qwen35.reasoning import split_reasoning
 from mlx_qwen35.tokenizer import render_prompt
 
 GREEDY = Sampling(temperature=0.0)
@@ -188,6 +193,14 @@ def test_sampler_matches_its_definition():
         (dict(top_k=-1), "top_k: must be ≥ 0"),
         (dict(min_p=1.0), "min_p: must be in [0, 1)"),
         (dict(repetition_penalty=0), "repetition_penalty: must be > 0"),
+        (dict(temperature=float("inf")), "temperature: must be a finite number, got inf"),
+        (dict(temperature=float("nan")), "temperature: must be a finite number, got nan"),
+        (dict(top_p=float("nan")), "top_p: must be a finite number, got nan"),
+        (dict(min_p=float("-inf")), "min_p: must be a finite number, got -inf"),
+        (dict(presence_penalty=float("inf")), "presence_penalty: must be a finite number, got inf"),
+        (dict(presence_penalty=float("nan")), "presence_penalty: must be a finite number, got nan"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty: must be a finite number, got inf"),
+        (dict(temperature="1"), "temperature: must be a finite number, got '1'"),
     ],
 )
 def test_invalid_sampling(kwargs, message):
@@ -269,3 +282,81 @@ def test_cpu_attention_peak_does_not_grow_with_blocks():
         return mx.get_peak_memory() - base
 
     assert peak(8) < 1.5 * peak(2), (peak(8), peak(2))
+
+
+# ------------------------------------------------ streamed text is the result text
+
+
+def stream_texts(tokenizer, ids, *, reasoning, stop=()):
+    """Feed ``ids`` to a TextStream as generation does (stopping once a stop string is hit).
+
+    Returns the streamed pieces and the stream (whose ``parts`` become the result's texts).
+    """
+    stream = TextStream(tokenizer, reasoning=reasoning, stop=stop)
+    pieces = []
+    for t in ids:
+        pieces += stream.add(t)
+        if stream.stopped:
+            break
+    pieces += stream.finish()
+    return pieces, stream
+
+
+def joined(pieces, kind=None) -> str:
+    return "".join(p.text for p in pieces if kind in (None, p.kind))
+
+
+@st.composite
+def token_runs(draw, tokenizer):
+    """Token ids as a model emits them: text, think tags, newlines, and characters cut inside their UTF-8 bytes."""
+    byte_id = tokenizer.convert_tokens_to_ids(byte_to_unicode())
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    cut = st.builds(
+        lambda ch, n: [byte_id[b] for b in ch.encode()[:n]],
+        st.characters(min_codepoint=0x80, exclude_categories=("Cs",)),
+        st.integers(1, 3),
+    )
+    segment = st.one_of(
+        st.text(max_size=12).map(encode),
+        st.sampled_from(["\n", "\n\n", " \n", "<think>", "</think>", "\n</think>\n\n", "<think>\n"]).map(encode),
+        st.integers(0, 248043).map(lambda i: [i]),  # any text token, partial UTF-8 sequences included
+        cut,
+    )
+    ids = [t for seg in draw(st.lists(segment, max_size=8)) for t in seg]
+    ends = [i for i, t in enumerate(ids) if t in tokenizer.eos_token_ids]
+    ids = ids[: ends[0]] if ends else ids  # generation ends at <|im_end|> or <|endoftext|>
+    # mlx-lm's streaming detokenizer turns a 0 byte into "Ā" (it tests each byte's value for truth): left out.
+    nul = byte_to_unicode()[0]
+    return [t for t, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if nul not in piece]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), reasoning=st.booleans())
+def test_streamed_pieces_are_the_result_texts(qwen35_tokenizer, data, reasoning):
+    tok = qwen35_tokenizer
+    ids = data.draw(token_runs(tok))
+    pieces, stream = stream_texts(tok, ids, reasoning=reasoning)
+    for kind in ("reasoning", "answer"):
+        assert joined(pieces, kind) == "".join(stream.parts[kind])
+    # The tokenizer's own decoding of the whole sequence, split once, is what streamed
+    # (less a leading space, which mlx-lm's streaming BPE detokenizer drops).
+    text = tok.decode(ids).removeprefix(" ")
+    assert (joined(pieces, "reasoning"), joined(pieces, "answer")) == split_reasoning(text, thinking_opened=reasoning)
+    # With stop strings (some taken from the text itself): the same text, cut before a stop
+    # string, at the latest before the one that completes first.
+    full = joined(pieces)
+    start = data.draw(st.integers(0, len(full)))
+    stop = data.draw(st.lists(st.one_of(st.text(min_size=1, max_size=4), st.just(full[start : start + 3])), max_size=3))
+    cut_pieces, stream = stream_texts(tok, ids, reasoning=reasoning, stop=stop)
+    for kind in ("reasoning", "answer"):
+        assert joined(cut_pieces, kind) == "".join(stream.parts[kind])
+    hits = [(i + len(s), i) for s in stop if s and (i := full.find(s)) >= 0]  # (end, start)
+    text = joined(cut_pieces)
+    assert stream.stopped == bool(hits)
+    if not hits:
+        assert text == full
+    else:
+        first_end = min(hits)[0]
+        assert full.startswith(text) and any(full.startswith(s, len(text)) for s in stop if s)
+        assert len(text) <= min(start for end, start in hits if end == first_end)
+
