@@ -1,8 +1,7 @@
 """Generation on a checkpoint whose 512-token vocabulary puts the chat tokens at its own ids, with a short context.
 
 The tokenizer is the fast-loading stand-in of tokenizer_fixture (ranks below 479,
-then the 33 added tokens at 479..511); the chat template is a small ChatML one
-written here. Where a test needs the model to emit a given token (a trained
+then the 33 added tokens at 479..511) with the tests' chat template. Where a test needs the model to emit a given token (a trained
 model's ``<|im_end|>`` or ``</think>``), its output head is steered to it.
 """
 
@@ -29,27 +28,14 @@ CONTEXT = 96
 GREEDY = Sampling(temperature=0.0)
 SENTENCE = CLOSING.split("\n</think>")[0].strip()
 
-# ChatML with the thinking block: past turns keep only their content, as Qwen3.5's template does.
-TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' -}}"
-    "{%- if not enable_thinking -%}{{- '\\n</think>\\n\\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("shifted_vocab")
     build_hf_checkpoint(
         path, text=dict(TEXT, vocab_size=VOCAB, max_position_embeddings=CONTEXT), vision=None, with_mtp=False
     )
-    write_tokenizer(path, chat_template=False, max_rank=VOCAB - len(added_tokens()))
-    (path / "template.jinja").write_text(TEMPLATE)
-    return load_model(path), load_tokenizer(path, chat_template=path / "template.jinja")
+    write_tokenizer(path, max_rank=VOCAB - len(added_tokens()))
+    return load_model(path), load_tokenizer(path)
 
 
 def ids_of(tok, *names: str) -> list[int]:
