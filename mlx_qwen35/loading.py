@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
 from .errors import Qwen35Error
@@ -16,6 +18,7 @@ from .weights import (
     cast,
     detect_format,
     drop_unused,
+    keeps_float32,
     load_into,
     read_checkpoint,
     to_ours,
@@ -86,9 +89,20 @@ def load_model(
     model.source = folder  # where the preprocessor settings for images live
     if dtype is not None:
         cast(model, dtype)
+    model.language_model.dtype = run_dtype(model)
     if not lazy:
         mx.eval(model.language_model.parameters())
     return model
+
+
+def run_dtype(model: Model) -> mx.Dtype:
+    """The dtype activations run in: the commonest among text weights neither quantized nor kept in float32."""
+    floats = [
+        w.dtype
+        for name, w in tree_flatten(model.language_model.parameters())
+        if mx.issubdtype(w.dtype, mx.floating) and not keeps_float32(name) and not name.endswith((".scales", ".biases"))
+    ]
+    return Counter(floats).most_common(1)[0][0] if floats else mx.float32
 
 
 def load(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None):
@@ -103,4 +117,4 @@ def load(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None):
     return load_model(folder, dtype=dtype), load_tokenizer(folder)
 
 
-__all__ = ["load", "load_model", "resolve", "ModelConfig"]
+__all__ = ["load", "load_model", "resolve", "run_dtype", "ModelConfig"]

@@ -193,12 +193,12 @@ def footprint(model) -> Footprint:
     """The :class:`Footprint` of a (lazy) model, from its config and its parameters' shapes and dtypes."""
     from mlx.utils import tree_flatten
 
+    from .loading import run_dtype
     from .model.cache import KV_BITS
 
     cfg = model.config.text
     lm = model.language_model
-    emb = lm.embed_tokens
-    compute = getattr(emb, "scales", emb.weight).dtype  # activations, hence KV, take the embedding's dtype
+    compute = run_dtype(model)  # the activations' dtype, hence the KV's
     size = compute.size
     attn = [layer for layer in lm.layers if not layer.is_linear]
     linear = len(lm.layers) - len(attn)

@@ -75,19 +75,11 @@ def test_save_load_continues_exactly(chat_model, tmp_path, kv_bits):
     resumed = Chat.load(tmp_path / "s.session", model, tok)
     assert resumed.messages == a.messages and resumed.think and resumed.kv_bits == kv_bits
     for m in TURNS[2:4]:
-        assert continuation(resumed, m) == continuation(a, m)
-        assert resumed.history[-1].prefilled_tokens == a.history[-1].prefilled_tokens
-
-
-def test_quantized_kv_close_to_float(chat_model):
-    model, tok = chat_model
-    exact = Chat(model, tok, sampling=GREEDY, max_tokens=4)
-    q8 = Chat(model, tok, sampling=GREEDY, max_tokens=4, kv_bits=8)
-    for m in TURNS[:3]:
-        g1, g2 = exact.send(m), q8.send(m)
-        list(g1), list(g2)
-        # 8-bit keys/values: measured ≈ 3e-3 relative logit error on this model
-        assert rel_err(np.array(g2.prompt_logits), np.array(g1.prompt_logits)) < 2e-2
+        g1, g2 = resumed.send(m), a.send(m)
+        assert list(g1) == list(g2) and g1.result.tokens == g2.result.tokens
+        # the very same numbers as the chat that never saved, not only the same greedy tokens
+        assert np.array_equal(np.array(g1.prompt_logits), np.array(g2.prompt_logits))
+        assert g1.result.prefilled_tokens == g2.result.prefilled_tokens < g1.result.prompt_tokens
 
 
 def saved(chat_model, tmp_path):

@@ -107,7 +107,7 @@ class Model(nn.Module):
         """As :meth:`embed_multimodal`, from vision features already encoded."""
         ids = np.asarray(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
-        h = self.language_model.embed_tokens(mx.array(ids))
+        h = self.language_model.embed(mx.array(ids))
         B, T, D = h.shape
         flat = h.reshape(B * T, D)
         for kind, token, features in (

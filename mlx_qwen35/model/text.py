@@ -200,6 +200,12 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.dtype: Optional[mx.Dtype] = None  # the activations' dtype, set by the loader
+
+    def embed(self, ids: mx.array) -> mx.array:
+        # Float-format (mxfp4, nvfp4, mxfp8) tables have no float scales and dequantize to bf16.
+        h = self.embed_tokens(ids)
+        return h if self.dtype is None else h.astype(self.dtype)
 
     def hidden_states(
         self,
@@ -209,7 +215,7 @@ class TextModel(nn.Module):
         positions: Optional[mx.array] = None,
         rope_delta: int = 0,
     ) -> mx.array:
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        h = input_embeddings if input_embeddings is not None else self.embed(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
         attn_cache = next((c for c, l in zip(cache, self.layers) if not l.is_linear), None)
