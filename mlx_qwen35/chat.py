@@ -35,7 +35,7 @@ from .weights import check_safetensors
 SNAPSHOT_EVERY = 4096
 MAX_SNAPSHOTS = 16
 SESSION_FORMAT = "mlx_qwen35.session"
-SESSION_VERSION = 1
+SESSION_VERSION = 2  # 2: the model fingerprint samples every text weight
 
 
 def model_identity(model, samples: int = 1024) -> str:
