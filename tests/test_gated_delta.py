@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import spy
 from metal_shim import shim
 
 import mlx_qwen35.gated_delta as gd
@@ -265,18 +266,6 @@ def test_auto_on_metal_runs_fast_only_where_mlx_fuses_it(fake_metal, monkeypatch
     assert len(calls) == 4 and len(fast_calls) == 1
     gd.gated_delta_update(*make_inputs(1, 65, 2, 4, 16, 24, state=True, mask=False))  # heads MLX has no kernel for
     assert len(calls) == 6 and len(fast_calls) == 1
-
-
-def spy(monkeypatch, owner, name) -> list:
-    """Record the calls of owner.name (still running it)."""
-    calls, fn = [], getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(args)
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
 
 
 # --------------------------------------------------------------------------- self-check
