@@ -214,13 +214,14 @@ def test_fast_keeps_the_decay_in_float32():
 def test_without_mx_fast_fast_falls_back(monkeypatch, grid):
     """MLX before 0.32.4 has no mx.fast.gated_delta_update: chunked on a CPU, our kernel on a Mac."""
     monkeypatch.delattr(mx.fast, "gated_delta_update")
-    inputs, (y_ref, s_ref) = grid["T65-Hv4-state-mask"]
-    y, s = gd.gated_delta_update(*inputs, method="fast")
-    y_c, s_c = gd.chunked(*inputs)
-    assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
-    monkeypatch.setenv(ENV_PORTABLE, "1")
-    y, s = gd.gated_delta_update(*inputs)
-    assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
+    inputs, _ = grid["T65-Hv4-state-mask"]
+    with mx.stream(mx.cpu):
+        y, s = gd.gated_delta_update(*inputs, method="fast")
+        y_c, s_c = gd.chunked(*inputs)
+        assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
+        monkeypatch.setenv(ENV_PORTABLE, "1")
+        y, s = gd.gated_delta_update(*inputs)
+        assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
     monkeypatch.setattr(gd, "_on_metal", lambda: True)
     assert gd.choose_method(65, 16, 16, 128, 128) == "metal"
     assert gd.choose_method(65, 2, 4, 16, 24) == "metal"
@@ -240,7 +241,8 @@ MLX_FUSED_HEADS = [(16, 16), (16, 32), (16, 48), (16, 64), (24, 24), (32, 32)]
 
 
 def test_fast_is_fused_follows_mlx(monkeypatch):
-    assert not gd.fast_is_fused(16, 16, 128, 128, False)  # not on a GPU here
+    monkeypatch.setattr(gd, "_on_metal", lambda: False)
+    assert not gd.fast_is_fused(16, 16, 128, 128, False)
     monkeypatch.setattr(gd, "_on_metal", lambda: True)
     for Hk, Hv in MLX_FUSED_HEADS:
         assert gd.fast_is_fused(Hk, Hv, 128, 128, False)

@@ -47,9 +47,10 @@ class RMSNorm(nn.Module):
 def _conv_taps(xs: mx.array, w: mx.array) -> mx.array:
     """Causal depthwise conv of xs [B, T + K - 1, C] with taps w [K, C].
 
-    A K-tap sum of shifted slices: exact, and cheaper than a grouped conv
-    here; compiled, one pass instead of 2K - 1 (taps as rows: a column of
-    [C, K] made the CPU kernel strided: 40 ms against 17 at T = 2048).
+    The CPU path (elsewhere MLX's grouped conv runs, as in mlx-lm). A K-tap
+    sum of shifted slices: exact, and cheaper than a grouped conv there;
+    compiled, one pass instead of 2K - 1 (taps as rows: a column of [C, K]
+    made the CPU kernel strided: 40 ms against 17 at T = 2048).
     """
     K = w.shape[0]
     T = xs.shape[1] - K + 1
