@@ -2,7 +2,8 @@
 
 MLX streams belong to the thread that made them: a stream cached for the
 whole process (the recurrence's second stream, used past 128 tokens) fails in
-every other thread with ``There is no Stream(cpu, N) in current thread``.
+every other thread with ``There is no Stream(cpu, N) in current thread``. MLX
+also caches compiled graphs per thread (see the per-shape kernels below).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import threading
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 import mlx_qwen35.gated_delta as gd
 from mlx_qwen35.generate import Sampling, generate
+from mlx_qwen35.model import cpu
 
 
 def in_threads(fn, n: int = 1) -> list:
@@ -57,6 +60,31 @@ def test_long_recurrence_in_any_thread():
     first = run()  # this thread made its stream first
     for y, s in in_threads(run) + in_threads(run) + in_threads(run, 2):
         assert np.array_equal(y, first[0]) and np.array_equal(s, first[1])
+
+
+def test_compiled_kernels_in_threads_at_once(monkeypatch):
+    """Per-shape kernels evicted all the time, in four threads at once: every result is MLX's own op's.
+
+    MLX caches a compiled graph per thread and frees it only in the thread
+    that drops the function: a kernel evicted by one thread stayed cached in
+    another, where the next kernel at the same address ran its graph.
+    """
+    monkeypatch.setattr(cpu, "_SHAPES_KEPT", 1)
+    seeds = iter(range(4))
+
+    def run():
+        rng = np.random.default_rng(next(seeds))
+        wrong = []
+        for _ in range(300):
+            shape = (1, int(rng.integers(1, 6)), 16)
+            x, u = (mx.array(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+            if not mx.allclose(cpu.swiglu(x, u), nn.silu(x) * u, rtol=1e-5, atol=1e-6).item():
+                wrong.append(x.shape)
+            if not mx.allclose(cpu.sigmoid_mul(x, u), u * mx.sigmoid(x), rtol=1e-5, atol=1e-6).item():
+                wrong.append(x.shape)
+        return wrong
+
+    assert in_threads(run, 4) == [[]] * 4
 
 
 def test_generate_from_another_thread(chat_model):

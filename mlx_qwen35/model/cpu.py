@@ -9,6 +9,7 @@ beside each choice).
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -146,15 +147,19 @@ _SHAPES_KEPT = 32
 
 
 def per_shape_compile(fn):
-    """``fn`` compiled for each input shape, the last _SHAPES_KEPT shapes kept.
+    """``fn`` compiled for each input shape, the last _SHAPES_KEPT shapes kept, per thread.
 
     Each shape gets its own compiled copy, so evicting one frees its compile
     cache entry: prompts of ever new lengths (and decode's growing attention
     scores) do not grow MLX's cache, whose entries are scanned on every call.
+    MLX keeps that cache per thread and frees an entry only in the thread that
+    drops the function, so each thread keeps its own copies: an entry left in
+    another thread would be found by the next function at the same address.
     """
-    kernels: OrderedDict = OrderedDict()
+    local = threading.local()
 
     def call(*args):
+        kernels = local.__dict__.setdefault("kernels", OrderedDict())
         key = tuple((a.shape, a.dtype) for a in args)
         kernel = kernels.pop(key, None)
         if kernel is None:
