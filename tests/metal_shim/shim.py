@@ -27,9 +27,8 @@ import numpy as np
 
 SHIM = Path(__file__).resolve().parent
 
-# MLX's type names, and how each dtype crosses to C++ (bfloat16 as its bits).
+# MLX's type names for the dtypes the shim carries.
 TYPES = {mx.float32: "float", mx.bfloat16: "bfloat16_t", mx.bool_: "bool", mx.int32: "int32_t", mx.uint32: "uint32_t"}
-NUMPY = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.bool_: np.bool_, mx.int32: np.int32, mx.uint32: np.uint32}
 
 # MLX adds these to the signature when the source names them (in this order);
 # the shim provides the two the dispatch passes.
@@ -66,7 +65,8 @@ def compile_library(source: str, out: Path, extra: tuple[str, ...] = ()) -> ctyp
     """Build ``source`` (C++ including metal_shim.h) into a shared library, warnings as errors."""
     src = out.with_suffix(".cpp")
     src.write_text(source)
-    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{SHIM}", *extra, str(src), "-o", str(out)]
+    cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{SHIM}", *extra]
+    cmd += [str(src), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"shim compile failed:\n{proc.stderr}")
@@ -78,14 +78,20 @@ def _arrays(inputs) -> list[mx.array]:
     return [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
 
 
+def _host(a: mx.array) -> np.ndarray:
+    """A contiguous host copy (bfloat16 as its bits), as MLX's row-contiguous inputs."""
+    return np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
+
+
 class MetalKernel:
     """Stands in for ``mx.fast.metal_kernel(name, input_names, output_names, source, ...)``."""
 
     build_dir: Optional[Path] = None  # set by the test fixture
-    launches: list[dict] = []  # every call's arguments, for tests to inspect
     _libraries: dict[str, ctypes.CDLL] = {}
 
-    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False):
+    def __init__(
+        self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False
+    ):
         if header or atomic_outputs or not ensure_row_contiguous:
             raise NotImplementedError("the shim supports neither header, atomic_outputs nor strided inputs")
         for n in input_names:
@@ -97,25 +103,27 @@ class MetalKernel:
         if missing:
             raise NotImplementedError(f"the shim does not provide {', '.join(missing)}")
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None, verbose=False, stream=None):
-        if not (len(inputs) == len(self.input_names) and len(output_shapes) == len(output_dtypes) == len(self.output_names)):
+    def __call__(
+        self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None, **_
+    ) -> list[mx.array]:
+        names = (self.input_names, self.output_names, self.output_names)
+        if [len(x) for x in (inputs, output_shapes, output_dtypes)] != [len(x) for x in names]:
             raise ValueError("[metal_kernel] inputs or outputs do not match the names given")
-        MetalKernel.launches.append(dict(inputs=inputs, grid=grid, threadgroup=threadgroup, template=list(template)))
         lib = self.build(inputs=inputs, output_dtypes=output_dtypes, template=template)
-        arrays = _arrays(inputs)
-        inputs_np = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in arrays]
+        # MLX hands kernels uninitialised outputs: NaN shows what is never written.
         fill = np.nan if init_value is None else init_value
-        outputs_np = [np.full(shape, fill, np.float32).astype(np.dtype(NUMPY[d])) if d != mx.bfloat16 else
-                      np.array(mx.full(shape, fill, mx.bfloat16).view(mx.uint16)) for shape, d in zip(output_shapes, output_dtypes)]  # fmt: skip
-        buffers = (ctypes.c_void_p * len(inputs_np + outputs_np))(*(a.ctypes.data for a in inputs_np + outputs_np))
-        sizes = (ctypes.c_size_t * len(buffers))(*(a.size for a in inputs_np + outputs_np))
+        outputs = [mx.full(shape, fill, d) for shape, d in zip(output_shapes, output_dtypes)]
+        host = [_host(a) for a in _arrays(inputs) + outputs]
+        buffers = (ctypes.c_void_p * len(host))(*(a.ctypes.data for a in host))
+        sizes = (ctypes.c_size_t * len(host))(*(a.size for a in host))
         # MLX clips the threadgroup to the grid before dispatching.
         group = [min(t, g) for t, g in zip(threadgroup, grid)]
         err = ctypes.create_string_buffer(512)
         rc = lib.shim_launch(buffers, sizes, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*group), err, len(err))
         if rc:
             raise RuntimeError(f"[metal shim] {err.value.decode()}")
-        return [mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(outputs_np, output_dtypes)]
+        out = host[len(inputs) :]
+        return [mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(out, output_dtypes)]
 
     def build(self, *, inputs, output_dtypes, template=(), **launch) -> ctypes.CDLL:
         """The library for a launch with these arguments, compiled once."""
