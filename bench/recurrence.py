@@ -65,7 +65,7 @@ def table(Ts: list[int]) -> None:
             warmups={name: (lambda fn=fn: fn(*warm)) for name, fn in CANDIDATES.items()},
         )
         tps = {name: T / t for name, t in best.items()}
-        row = f"{T:>6} {gd.choose_method(T, D, D):>10}" + "".join(f"{tps[name]:>11.0f}" for name in CANDIDATES)
+        row = f"{T:>6} {gd.choose_method(T, H, H, D, D):>10}" + "".join(f"{tps[name]:>11.0f}" for name in CANDIDATES)
         print(row + f"{tps['auto'] / tps['mlx-lm']:>12.1f}x{tps['auto'] / tps['mx.fast']:>13.1f}x", flush=True)
 
 

@@ -20,8 +20,9 @@ Four implementations, one entry point (:func:`gated_delta_update`):
 * ``metal``: the custom kernel in ``kernels/gated_delta.metal`` (Apple GPUs).
 * ``fast``: MLX's own ``mx.fast.gated_delta_update``.
 
-``auto`` picks one per device and T (see :func:`choose_method`); the
-``MLX_QWEN35_GDN_METHOD`` environment variable overrides it.
+``auto`` picks one per device, T and shape (see :func:`choose_method`); the
+``MLX_QWEN35_GDN_METHOD`` environment variable overrides it. Any thread may
+call it, one after another or at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .backend import portable
 from .errors import Qwen35Error
 
 log = logging.getLogger(__name__)
@@ -232,8 +234,9 @@ def chunked(q, k, v, g, beta, state=None, mask=None, chunk: Optional[int] = None
 
 
 @lru_cache(maxsize=None)
-def _side_stream(device_type: mx.DeviceType) -> mx.Stream:
-    return mx.new_stream(mx.Device(device_type))
+def _side_stream(device_type: mx.DeviceType) -> mx.ThreadLocalStream:
+    # A stream belongs to the thread that made it: each calling thread gets its own.
+    return mx.new_thread_local_stream(mx.Device(device_type))
 
 
 def chunk_size(T: int) -> int:
@@ -281,13 +284,14 @@ def _metal_kernel():
     )
 
 
-def _run_metal(q, k, v, g, beta, state, mask, lanes: int):
+def _metal_launch(q, k, v, g, beta, state, mask, lanes: int) -> dict:
+    """The kernel call's arguments: inputs, template, grid, threadgroup, outputs."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[-2:]
     f32 = mx.float32
     if state is None:
         state = mx.zeros((B, Hv, Dv, Dk), dtype=f32)
-    y, state = _metal_kernel()(
+    return dict(
         inputs=[
             q,
             k,
@@ -312,6 +316,10 @@ def _run_metal(q, k, v, g, beta, state, mask, lanes: int):
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[v.dtype, f32],
     )
+
+
+def _run_metal(q, k, v, g, beta, state, mask, lanes: int):
+    y, state = _metal_kernel()(**_metal_launch(q, k, v, g, beta, state, mask, lanes))
     return y, state
 
 
@@ -349,10 +357,7 @@ def _metal_self_check(q, k, v, mask, lanes: int) -> bool:
     ms = None if mask is None else mx.array([[True] * T, [False, False] + [True] * (T - 2)])
     try:
         y, s = _run_metal(qs, ks, vs, gs, bs, s0, ms, lanes)
-        y_ref, s_ref = reference(qs, ks, vs, gs, bs, s0, ms)
-        tol = 1e-4 if v.dtype == mx.float32 else 2e-2
-        err = max(_rel_err(y.astype(mx.float32), y_ref), _rel_err(s, s_ref))
-        problem = None if err <= tol else f"relative error {err:.2e} against the reference"
+        problem = _self_check_problem(y, s, *reference(qs, ks, vs, gs, bs, s0, ms))
     except Exception as e:  # a Metal compile error surfaces here, at evaluation
         problem = f"{type(e).__name__}: {e}"
     if problem is None:
@@ -360,15 +365,27 @@ def _metal_self_check(q, k, v, mask, lanes: int) -> bool:
         return True
     _metal_healthy = False
     log.warning(
-        "mlx_qwen35: the Metal gated-delta kernel failed its self-check (%s); "
-        "using the chunked path from now on.",
+        "mlx_qwen35: the Metal gated-delta kernel failed its self-check (%s); from now on the "
+        "recurrence runs through mx.fast.gated_delta_update where MLX fuses it, else the reference.",
         problem,
     )
     return False
 
 
-def _rel_err(x: mx.array, ref: mx.array) -> float:
-    return (mx.linalg.norm((x - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
+# The self-check's bounds on the largest entry's error, relative to the largest
+# reference entry: the state is float32 throughout; y is rounded to its dtype.
+STATE_TOL = 1e-4
+Y_TOL = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1e-2}
+
+
+def _self_check_problem(y, state, y_ref, state_ref) -> Optional[str]:
+    """What is wrong with a kernel's (y, state) against the reference's, or None."""
+    for name, x, ref, tol in (("state", state, state_ref, STATE_TOL), ("y", y, y_ref, Y_TOL[y.dtype])):
+        x, ref = x.astype(mx.float32), ref.astype(mx.float32)
+        err = (mx.abs(x - ref).max() / mx.abs(ref).max()).item()
+        if not err <= tol:  # NaN fails too
+            return f"{name} off by {err:.2e} of its largest entry (bound {tol:.0e})"
+    return None
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -378,8 +395,36 @@ def _on_metal() -> bool:
     return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
-def choose_method(T: int, Dk: int, Dv: int) -> str:
-    """The method ``auto`` runs for T steps of heads Dk × Dv on the default device.
+def _has_fast() -> bool:
+    # MLX releases before 0.32.4 lack it.
+    return hasattr(mx.fast, "gated_delta_update")
+
+
+# The (Hk, Hv) pairs MLX 0.32.4 builds its fused kernel for (GatedDeltaUpdate::use_fallback).
+FUSED_HEADS = frozenset({(16, 16), (16, 32), (16, 48), (16, 64), (24, 24), (32, 32)})
+
+
+def fast_is_fused(Hk: int, Hv: int, Dk: int, Dv: int, masked: bool) -> bool:
+    """Whether ``mx.fast.gated_delta_update`` runs MLX's fused Metal kernel here.
+
+    Otherwise it builds a per-step loop of ops: on a CPU, with a mask, with
+    heads other than 128 × 128, or with head counts it has no kernel for.
+    """
+    fused_shape = Dk == Dv == 128 and (Hk, Hv) in FUSED_HEADS
+    return _has_fast() and _on_metal() and not masked and fused_shape
+
+
+def _gpu_fallback(Hk: int, Hv: int, Dk: int, Dv: int, masked: bool) -> str:
+    """The GPU method when our kernel cannot run: MLX's fused kernel, else our compiled step loop.
+
+    Not ``chunked``: its triangular inverse runs on a CPU stream. Not an unfused
+    ``fast``: MLX's per-step op loop, where ``reference`` runs one compiled step.
+    """
+    return "fast" if fast_is_fused(Hk, Hv, Dk, Dv, masked) else "reference"
+
+
+def choose_method(T: int, Hk: int, Hv: int, Dk: int, Dv: int, masked: bool = False) -> str:
+    """The method ``auto`` runs for T steps of Hk key and Hv value heads, Dk × Dv, on the default device.
 
     CPU (2-core Linux x86, OpenBLAS; ``python bench/recurrence.py``): chunked
     wins at every T, its C = 1 fused steps included, over reference and
@@ -390,10 +435,18 @@ def choose_method(T: int, Dk: int, Dv: int) -> str:
     Apple GPU (reasoned, not measured here): our kernel for decode and short
     runs, where one launch reads and writes the state once; MLX's own
     chunk-parallel Metal kernel (``fast``) for longer prefill, where
-    parallelism across the chunk beats a sequential walk over T.
+    parallelism across the chunk beats a sequential walk over T, when MLX
+    fuses it (:func:`fast_is_fused`); else our kernel.
+
+    ``MLX_QWEN35_PORTABLE=1``: ``fast`` on any device, what a Mac runs.
     """
     if _on_metal():
-        return "metal" if T <= METAL_DECODE_T and _metal_lanes(T, Dk, Dv) else "fast"
+        lanes = _metal_lanes(T, Dk, Dv)
+        if fast_is_fused(Hk, Hv, Dk, Dv, masked) and (T > METAL_DECODE_T or lanes is None):
+            return "fast"
+        return "metal" if lanes else _gpu_fallback(Hk, Hv, Dk, Dv, masked)
+    if portable() and _has_fast():
+        return "fast"
     return "chunked"
 
 
@@ -451,8 +504,9 @@ def gated_delta_update(
     if T == 0:
         y = mx.zeros((B, 0, Hv, Dv), dtype=v.dtype)
         return y, mx.zeros((B, Hv, Dv, Dk), mx.float32) if state is None else state
-    if method == "auto":
-        method = choose_method(T, Dk, Dv)
+    masked = mask is not None
+    if method == "auto" or (method == "fast" and not _has_fast()):
+        method = choose_method(T, Hk, Hv, Dk, Dv, masked)
     if method == "metal":
         if not mx.metal.is_available():
             raise Qwen35Error(
@@ -466,9 +520,11 @@ def gated_delta_update(
             )
         if _metal_self_check(q, k, v, mask, lanes):
             return _run_metal(q, k, v, g, beta, state, mask, lanes)
-        method = "chunked"
+        method = _gpu_fallback(Hk, Hv, Dk, Dv, masked)
     if method == "fast":
-        y, state = mx.fast.gated_delta_update(q, k, v, g, beta, state, mask)
+        # MLX casts g to q's dtype: bf16 q and k would round the decay.
+        f32 = mx.float32
+        y, state = mx.fast.gated_delta_update(*(x.astype(f32) for x in (q, k, v, g, beta)), state, mask)
     elif method == "chunked":
         y, state = chunked(q, k, v, g, beta, state, mask)
     else:

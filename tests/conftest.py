@@ -36,6 +36,18 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+def spy(monkeypatch, owner, name) -> list:
+    """Record the calls of owner.name (still running it)."""
+    calls, fn = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 class HFCheckpoint:
     def __init__(self, path: Path, model):
         self.path = path

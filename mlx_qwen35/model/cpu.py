@@ -1,23 +1,27 @@
 """Numerics for MLX's CPU backend: projections, activations and attention.
 
-Off the CPU (Metal) each function runs MLX's own operation; on the CPU it
-routes around the backend's slow spots, measured on the 2-core x86 machine
-with OpenBLAS at the 2B shape (figures beside each choice).
+Off the CPU (Metal), or with ``MLX_QWEN35_PORTABLE=1``, each function runs
+MLX's own operation; on the CPU it routes around the backend's slow spots,
+measured on the 2-core x86 machine with OpenBLAS at the 2B shape (figures
+beside each choice).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend import portable
 
-def on_cpu() -> bool:
-    """Whether MLX computes on the CPU (no Metal)."""
-    return mx.default_device() == mx.cpu
+
+def cpu_paths() -> bool:
+    """Whether to take the CPU paths here: MLX computes on the CPU and portable mode is off."""
+    return mx.default_device() == mx.cpu and not portable()
 
 
 # --------------------------------------------------------------------------- projections
@@ -78,7 +82,7 @@ def _dequantizer(bits: int, group_size: int):
 def project(layer: nn.Module, x: mx.array) -> mx.array:
     """``layer(x)`` for a (quantized) Linear, or a (quantized) Embedding used as the output head."""
     native = layer.as_linear if hasattr(layer, "as_linear") else layer
-    if not on_cpu():
+    if not cpu_paths():
         return native(x)
     w = layer.weight
     if "scales" in layer:
@@ -143,15 +147,19 @@ _SHAPES_KEPT = 32
 
 
 def per_shape_compile(fn):
-    """``fn`` compiled for each input shape, the last _SHAPES_KEPT shapes kept.
+    """``fn`` compiled for each input shape, the last _SHAPES_KEPT shapes kept, per thread.
 
     Each shape gets its own compiled copy, so evicting one frees its compile
     cache entry: prompts of ever new lengths (and decode's growing attention
     scores) do not grow MLX's cache, whose entries are scanned on every call.
+    MLX keeps that cache per thread and frees an entry only in the thread that
+    drops the function, so each thread keeps its own copies: an entry left in
+    another thread would be found by the next function at the same address.
     """
-    kernels: OrderedDict = OrderedDict()
+    local = threading.local()
 
     def call(*args):
+        kernels = local.__dict__.setdefault("kernels", OrderedDict())
         key = tuple((a.shape, a.dtype) for a in args)
         kernel = kernels.pop(key, None)
         if kernel is None:
@@ -220,7 +228,7 @@ def _swiglu(x, u, e):
 def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
     """u * sigmoid(x), in float32 (``silu(x)`` is ``sigmoid_mul(x, x)``); MLX's own off the CPU."""
     x = x.astype(mx.float32)
-    if not on_cpu():
+    if not cpu_paths():
         return u * mx.sigmoid(x)
     return _gated(x, u.astype(mx.float32), _exp_neg_abs(x))
 
@@ -228,7 +236,7 @@ def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
 def swiglu(x: mx.array, u: mx.array) -> mx.array:
     """silu(x) * u, in float32; MLX's own off the CPU."""
     x = x.astype(mx.float32)
-    if not on_cpu():
+    if not cpu_paths():
         return nn.silu(x) * u
     return _swiglu(x, u.astype(mx.float32), _exp_neg_abs(x))
 

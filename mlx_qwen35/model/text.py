@@ -16,7 +16,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from ..config import TextConfig
 from ..gated_delta import gated_delta_update
-from .cpu import cpu_attention, on_cpu, per_shape_compile, project, sigmoid_mul, swiglu
+from .cpu import cpu_attention, cpu_paths, per_shape_compile, project, sigmoid_mul, swiglu
 from .rope import MRoPE
 
 
@@ -47,9 +47,10 @@ class RMSNorm(nn.Module):
 def _conv_taps(xs: mx.array, w: mx.array) -> mx.array:
     """Causal depthwise conv of xs [B, T + K - 1, C] with taps w [K, C].
 
-    A K-tap sum of shifted slices: exact, and cheaper than a grouped conv
-    here; compiled, one pass instead of 2K - 1 (taps as rows: a column of
-    [C, K] made the CPU kernel strided: 40 ms against 17 at T = 2048).
+    The CPU path (elsewhere MLX's grouped conv runs, as in mlx-lm). A K-tap
+    sum of shifted slices: exact, and cheaper than a grouped conv there;
+    compiled, one pass instead of 2K - 1 (taps as rows: a column of [C, K]
+    made the CPU kernel strided: 40 ms against 17 at T = 2048).
     """
     K = w.shape[0]
     T = xs.shape[1] - K + 1
@@ -94,7 +95,11 @@ class GatedDeltaNet(nn.Module):
             # A copy: a view of the tail would keep the whole chunk's input alive
             # (50 MB per layer for a 2048-token chunk at the 2B shape).
             cache[0] = mx.contiguous(xs[:, -(K - 1) :])
-        out = _conv_taps(xs, mx.contiguous(self.conv1d.weight[:, :, 0].T.astype(x.dtype)))
+        w = self.conv1d.weight.astype(x.dtype)
+        if cpu_paths():
+            out = _conv_taps(xs, mx.contiguous(w[:, :, 0].T))
+        else:
+            out = mx.conv1d(xs, w, groups=C)
         return sigmoid_mul(out, out).astype(x.dtype)
 
     def __call__(self, x: mx.array, cache=None, mask: Optional[mx.array] = None, positions=None) -> mx.array:
@@ -162,7 +167,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if on_cpu() and isinstance(k, mx.array) and (mask is None or isinstance(mask, str)):
+        if cpu_paths() and isinstance(k, mx.array) and (mask is None or isinstance(mask, str)):
             out = cpu_attention(q, k, v, self.head_dim**-0.5, causal=mask is not None)
         else:
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.head_dim**-0.5, mask=mask)

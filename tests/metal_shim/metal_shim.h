@@ -4,7 +4,10 @@
 // constants, typed buffers, thread-position attributes) and compiles it with
 // Metal's standard library. This header provides the same names in C++: the
 // address-space qualifiers, uint/uint3/ushort, bfloat16_t, and the SIMD-group
-// functions simd_sum and simd_shuffle_xor.
+// functions simd_sum and simd_shuffle_xor; tests/metal_shim/shim.py writes the
+// signature and the launch from the Python launch code. Buffers are
+// bounds-checked pointers (shim::device_ptr), so an access outside a buffer
+// fails the launch where Metal would read or write out of bounds.
 //
 // A SIMD-group is run as 32 lanes, each a cooperative thread (ucontext) with
 // its own stack. Every SIMD-group function is a barrier: the lane publishes
@@ -19,12 +22,19 @@
 #endif
 #include <ucontext.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+
+// macOS marks the ucontext calls deprecated; the tests build with -Werror.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 
 #define device
 #define constant
@@ -62,6 +72,28 @@ namespace shim {
 
 constexpr int kLanes = 32;
 
+// A buffer pointer whose every access is checked against the buffer's extent.
+template <class T>
+class device_ptr {
+ public:
+  device_ptr(T* base, size_t size, ptrdiff_t offset = 0) : base_(base), size_(size), offset_(offset) {}
+  device_ptr operator+(ptrdiff_t n) const { return device_ptr(base_, size_, offset_ + n); }
+  T& operator[](ptrdiff_t i) const { return at(offset_ + i); }
+  T& operator*() const { return at(offset_); }
+
+ private:
+  T& at(ptrdiff_t i) const {
+    if (i < 0 || size_t(i) >= size_) {
+      throw std::out_of_range("buffer index " + std::to_string(i) + " outside [0, " +
+                              std::to_string(size_) + ")");
+    }
+    return base_[i];
+  }
+  T* base_;
+  size_t size_;
+  ptrdiff_t offset_;
+};
+
 class SimdGroup {
  public:
   explicit SimdGroup(std::function<void(uint lane)> body) : body_(std::move(body)) {}
@@ -89,6 +121,10 @@ class SimdGroup {
         op_[l] = -1;
         swapcontext(&scheduler_, &lanes_[l]);
         waiting += op_[l] >= 0;
+      }
+      if (error_) {
+        active_ = outer;
+        std::rethrow_exception(error_);
       }
       if (waiting == 0) break;
       if (waiting != kLanes) {
@@ -125,7 +161,11 @@ class SimdGroup {
   static void entry() {
     SimdGroup& sg = *active_;
     const int l = sg.lane_;
-    sg.body_(uint(l));
+    try {
+      sg.body_(uint(l));
+    } catch (...) {  // unwinding cannot leave the lane's stack: rethrown by run()
+      sg.error_ = std::current_exception();
+    }
     sg.done_[l] = true;
   }
 
@@ -139,18 +179,36 @@ class SimdGroup {
   int phase_[kLanes];
   bool done_[kLanes];
   int lane_ = 0;
+  std::exception_ptr error_;
 };
 
-// dispatch_threads over `grid` (grid.x a multiple of 32): one SIMD-group per
-// 32 consecutive x positions, as in threadgroups whose x extent is 32·k.
+// dispatchThreads(grid, group) as Metal runs it: threadgroups of `group`
+// threads, cut short at the grid's edge, each split into SIMD-groups of 32
+// consecutive threads in x-fastest order. kernel(thread_position_in_grid,
+// thread_index_in_simdgroup). A threadgroup that would leave a SIMD-group
+// partly empty fails: the kernels here assume full ones.
 template <class Kernel>
-void dispatch(uint3 grid, Kernel kernel) {
-  if (grid.x % kLanes != 0) throw std::invalid_argument("grid.x must be a multiple of 32");
-  for (uint z = 0; z < grid.z; ++z)
-    for (uint y = 0; y < grid.y; ++y)
-      for (uint x0 = 0; x0 < grid.x; x0 += kLanes) {
-        SimdGroup sg([&](uint lane) { kernel(uint3{x0 + lane, y, z}, lane); });
-        sg.run();
+void dispatch(uint3 grid, uint3 group, Kernel kernel) {
+  const uint size = group.x * group.y * group.z;
+  if (size == 0 || size > 1024) {
+    throw std::invalid_argument("threadgroup of " + std::to_string(size) + " threads (Metal: 1 to 1024)");
+  }
+  for (uint z0 = 0; z0 < grid.z; z0 += group.z)
+    for (uint y0 = 0; y0 < grid.y; y0 += group.y)
+      for (uint x0 = 0; x0 < grid.x; x0 += group.x) {
+        const uint nx = std::min(group.x, grid.x - x0), ny = std::min(group.y, grid.y - y0);
+        const uint n = nx * ny * std::min(group.z, grid.z - z0);
+        if (n % kLanes != 0) {
+          throw std::invalid_argument("a threadgroup of " + std::to_string(n) +
+                                      " threads leaves a SIMD-group partly empty");
+        }
+        for (uint first = 0; first < n; first += kLanes) {
+          SimdGroup sg([&](uint lane) {
+            const uint i = first + lane;
+            kernel(uint3{x0 + i % nx, y0 + i / nx % ny, z0 + i / (nx * ny)}, lane);
+          });
+          sg.run();
+        }
       }
 }
 
@@ -169,3 +227,5 @@ inline float simd_shuffle_xor(float x, ushort mask) {
     return v[(l ^ int(mask)) & (shim::kLanes - 1)];
   });
 }
+
+#pragma GCC diagnostic pop
