@@ -96,7 +96,8 @@ def quantized(path: Path, who: str) -> Path:
 
 def run_ours(model, ids, n):
     """Seconds to the first token and for the ``n`` tokens after it, and the tokens."""
-    from mlx_qwen35.generate import ThinkingControl, decode_tokens, prefill
+    from mlx_qwen35.engine import decode_tokens, prefill
+    from mlx_qwen35.reasoning import ThinkingControl
 
     control = ThinkingControl(None, reasoning=False, budget=None)
     cache = model.make_cache()

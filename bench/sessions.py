@@ -59,7 +59,7 @@ def turns(path: Path):
     from mlx_lm.models.cache import make_prompt_cache
 
     from mlx_qwen35.chat import Chat
-    from mlx_qwen35.generate import Sampling
+    from mlx_qwen35.sampling import Sampling
     from mlx_qwen35.tokenizer import render_prompt
 
     ours, theirs, tok = load_both(path)
@@ -98,7 +98,7 @@ def turns(path: Path):
 def memory(path: Path):
     from mlx_lm.generate import generate_step
 
-    from mlx_qwen35.generate import prefill
+    from mlx_qwen35.engine import prefill
 
     ours, theirs, _ = load_both(path)
     weights = mx.get_active_memory() / 2**30

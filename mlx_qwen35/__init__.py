@@ -29,18 +29,21 @@ from .errors import Qwen35Error
 if TYPE_CHECKING:
     from .chat import Chat
     from .convert import QuantSpec, convert
-    from .generate import PRESETS, Generation, GenerationResult, Piece, Sampling, generate, stream_generate
+    from .engine import Generation, GenerationResult
+    from .generate import generate, stream_generate
     from .loading import load
+    from .sampling import PRESETS, Sampling
+    from .stream import Piece
 
 _LAZY = {
     "load": "loading",
     "generate": "generate",
     "stream_generate": "generate",
-    "Sampling": "generate",
-    "PRESETS": "generate",
-    "Generation": "generate",
-    "GenerationResult": "generate",
-    "Piece": "generate",
+    "Sampling": "sampling",
+    "PRESETS": "sampling",
+    "Generation": "engine",
+    "GenerationResult": "engine",
+    "Piece": "stream",
     "Chat": "chat",
     "convert": "convert",
     "QuantSpec": "convert",

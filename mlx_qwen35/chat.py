@@ -14,22 +14,23 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache
 
+from .engine import Generation, GenerationResult, run
 from .errors import Qwen35Error
-from .generate import Generation, GenerationResult, Sampling, VideoSource, default_sampling, run
-from .media import Media, load_media, prompt_inputs, user_content
+from .media import Media
 from .model import cache as hybrid
 from .processor import ImageSource
-from .reasoning import thinking_opened
-from .tokenizer import render_text, special_tokens
+from .sampling import Sampling
+from .tokenizer import special_tokens
+from .turn import Settings, Turn, VideoSource, prepare
 from .weights import check_safetensors
 
 SNAPSHOT_EVERY = 4096
@@ -59,48 +60,29 @@ def model_identity(model, samples: int = 1024) -> str:
     return h.hexdigest()[:32]
 
 
-class Chat:
+@dataclass(eq=False)
+class Chat(Settings):
     """A conversation with the model that keeps its cache across turns.
 
     ``send`` streams a reply (iterate it for pieces); ``ask`` returns the
-    finished :class:`GenerationResult`. Settings (``think``,
-    ``thinking_budget``, ``sampling``, ``system``, ``max_tokens``) may be
-    changed between turns. ``history`` lists each turn's result, whose
+    finished :class:`GenerationResult`. The :class:`~mlx_qwen35.turn.Settings`
+    (``think``, ``thinking_budget``, ``sampling``, ``system``, ``max_tokens``)
+    may be changed between turns. ``history`` lists each turn's result, whose
     ``prefilled_tokens`` says how many prompt tokens that turn actually ran.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        system: Optional[str] = None,
-        think: bool = False,
-        thinking_budget: Optional[int] = None,
-        sampling: Optional[Sampling] = None,
-        max_tokens: int = 4096,
-        kv_bits: Optional[int] = None,
-        seed: Optional[int] = None,
-    ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.system = system
-        self.think = think
-        self.thinking_budget = thinking_budget
-        self.sampling = sampling
-        self.max_tokens = max_tokens
-        self.kv_bits = kv_bits
-        self.seed = seed
-        self.messages: list[dict] = []
-        self.history: list[GenerationResult] = []
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+
+    def __post_init__(self):
         self.reset()
 
     # -- conversation ------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the conversation (settings stay)."""
-        self.messages = []
-        self.history = []
+        self.messages: list[dict] = []
+        self.history: list[GenerationResult] = []
         self.media: list[Media] = []  # the conversation's images and videos, in prompt order
         self.cache = self.model.make_cache(self.kv_bits)
         self.tokens: list[int] = []  # the prompt the snapshots belong to
@@ -121,41 +103,21 @@ class Chat:
         """
         if not isinstance(content, str) or not content.strip():
             raise Qwen35Error("message: empty")
-        media = load_media(self.model, images, videos)
-        user = {"role": "user", "content": user_content(content, media)}
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages + [user]
-        text = render_text(self.tokenizer, messages, enable_thinking=self.think)
-        inputs = prompt_inputs(
-            self.model, self.tokenizer, self.tokenizer.encode(text, add_special_tokens=False), self.media + media
+        turn = prepare(
+            self.model, self.tokenizer, self, content, images=images, videos=videos, stop=stop,
+            history=self.messages, history_media=self.media,
         )
-        ids = inputs.ids
+        ids = turn.request.prompt.ids
         start = self._restore(ids)
         im_start = special_tokens(self.tokenizer).im_start
         stops = [i for i, t in enumerate(ids) if t == im_start and i > start]
         stops += range(start + SNAPSHOT_EVERY, len(ids), SNAPSHOT_EVERY)
-        tail = lambda x, axis: None if x is None else x[(slice(None),) * axis + (slice(start, None),)]
-        inner = run(
-            self.model,
-            self.tokenizer,
-            ids,
-            self.cache,
-            reasoning=thinking_opened(text),
-            sampling=self.sampling or default_sampling(self.think),
-            max_tokens=self.max_tokens,
-            thinking_budget=self.thinking_budget,
-            stop=stop,
-            seed=self.seed,
-            start=start,
-            prefill_kwargs={
-                "stops": [s - start for s in stops],
-                "on_stop": lambda n: self._snap(start + n),
-                "input_embeddings": tail(inputs.embeddings, 1),
-                "positions": tail(inputs.positions, 2),
-            },
-            rope_delta=inputs.rope_delta,
+        gen = run(
+            self.model, self.tokenizer, replace(turn.request, start=start), self.cache,
+            snapshot_at=stops, on_snapshot=self._snap, on_result=lambda r: self._record(turn, r),
         )
         self.tokens = ids
-        return Generation(self._record(inner, user, media), inner._holder)
+        return gen
 
     def ask(self, content: str, **kwargs) -> GenerationResult:
         """Send a message (``send``'s arguments) and return the whole reply."""
@@ -164,18 +126,13 @@ class Chat:
             pass
         return gen.result
 
-    def _record(self, inner: Generation, user: dict, media: list[Media]):
-        try:
-            yield from inner
-        finally:
-            r = inner.result
-            if r is not None:
-                self.media += media
-                reply = {"role": "assistant", "content": r.text}
-                if r.reasoning:
-                    reply["reasoning_content"] = r.reasoning
-                self.messages += [user, reply]
-                self.history.append(r)
+    def _record(self, turn: Turn, r: GenerationResult) -> None:
+        self.media += turn.media
+        reply = {"role": "assistant", "content": r.text}
+        if r.reasoning:
+            reply["reasoning_content"] = r.reasoning
+        self.messages += [turn.messages[-1], reply]
+        self.history.append(r)
 
     def _snap(self, n: int) -> None:
         self.snapshots.append((n, hybrid.snapshot(self.cache)))
@@ -214,13 +171,8 @@ class Chat:
             "model": model_identity(self.model),
             "messages": self.messages,
             "settings": {
-                "system": self.system,
-                "think": self.think,
-                "thinking_budget": self.thinking_budget,
-                "sampling": None if self.sampling is None else vars(self.sampling),
-                "max_tokens": self.max_tokens,
-                "kv_bits": self.kv_bits,
-                "seed": self.seed,
+                f.name: vars(self.sampling) if f.name == "sampling" and self.sampling else getattr(self, f.name)
+                for f in fields(Settings)
             },
             "tokens": self.tokens,
             "snapshots": [n for n, _ in self.snapshots],
@@ -260,18 +212,9 @@ class Chat:
         digest = meta.pop("digest", None)
         if digest != _digest(meta, arrays):
             raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
-        s = meta["settings"]
-        chat = cls(
-            model,
-            tokenizer,
-            system=s["system"],
-            think=s["think"],
-            thinking_budget=s["thinking_budget"],
-            sampling=None if s["sampling"] is None else Sampling(**s["sampling"]),
-            max_tokens=s["max_tokens"],
-            kv_bits=s["kv_bits"],
-            seed=s["seed"],
-        )
+        settings = dict(meta["settings"])
+        settings["sampling"] = None if settings["sampling"] is None else Sampling(**settings["sampling"])
+        chat = cls(model, tokenizer, **settings)
         chat.messages = meta["messages"]
         chat.tokens = meta["tokens"]
         try:
@@ -303,15 +246,7 @@ _META = {
     "media": ([dict], "a list of objects"),
     "kv_offsets": ([_INTS], "a list of offsets (or null)"),
 }
-_SETTINGS = {
-    "system": ((str, type(None)), "text or null"),
-    "think": (bool, "true or false"),
-    "thinking_budget": (_INTS, "a number of tokens or null"),
-    "sampling": ((dict, type(None)), "an object or null"),
-    "max_tokens": (int, "a number of tokens"),
-    "kv_bits": (_INTS, "4, 8 or null"),
-    "seed": (_INTS, "an integer or null"),
-}
+_SETTINGS = {f.name: f.metadata["json"] for f in fields(Settings)}
 _MEDIA = {
     "kind": (str, "image or video"),
     "grid": ([list], "a list of [t, h, w]"),

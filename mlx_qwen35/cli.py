@@ -227,7 +227,7 @@ def sampling_from(preset_name, think, **overrides):
     """The Sampling the flags describe; None when none is given, so the think mode picks the preset."""
     from dataclasses import replace
 
-    from .generate import default_sampling, preset
+    from .sampling import default_sampling, preset
 
     given = {k: v for k, v in overrides.items() if v is not None}
     if preset_name is None and not given:

@@ -1,4 +1,8 @@
-"""Split generated text into reasoning and answer while it streams.
+"""The thinking phase: split it from the answer while text streams, and end it gracefully.
+
+:class:`ThinkingControl` watches the generated tokens and, at the thinking
+budget or when reasoning loops, feeds a closing sentence in place of the next
+token. :class:`ReasoningSplitter` splits the streamed text.
 
 Qwen3.5 writes its reasoning as ``<think>\\n…\\n</think>\\n\\n`` before the
 answer. The chat template's generation prompt decides where generation starts:
@@ -25,9 +29,20 @@ Streaming holds back only a tail that could still become a delimiter (at most
 from __future__ import annotations
 
 import re
-from typing import Literal
+import unicodedata
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+
+from .tokenizer import SpecialTokens
 
 Kind = Literal["reasoning", "answer"]
+
+# Appended when the thinking budget or the loop guard ends reasoning: a sentence
+# that reads naturally, then the template's own closing ("\n</think>\n\n").
+CLOSING = "\n\nI have thought about this enough; time to give the answer.\n</think>\n\n"
+# How many tokens a word cut by the budget may take to finish.
+WORD_GRACE = 8
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -113,3 +128,87 @@ def split_reasoning(text: str, *, thinking_opened: bool) -> tuple[str, str]:
     for kind, piece in splitter.feed(text) + splitter.finish():
         parts[kind].append(piece)
     return "".join(parts["reasoning"]), "".join(parts["answer"])
+
+
+class ThinkingControl:
+    """Ends reasoning gracefully: at the budget, or when it loops.
+
+    It sees every sampled token before it is fed to the model and may replace
+    it with the closing sentence. The cut waits for a word boundary (at most
+    ``WORD_GRACE`` tokens), so no word is split.
+    """
+
+    def __init__(
+        self, tokenizer, *, reasoning: bool, budget: Optional[int], special: SpecialTokens = SpecialTokens()
+    ):
+        self.tokenizer = tokenizer
+        self.special = special
+        self.reasoning = reasoning
+        self.budget = budget
+        self.count = 0  # reasoning tokens the model generated
+        self.history: list[int] = []
+        self.closing_reason: Optional[str] = None
+        self._grace = 0
+        self._prev_text = ""
+        self._closing = None
+
+    def closing_tokens(self) -> list[int]:
+        if self._closing is None:
+            self._closing = self.tokenizer.encode(CLOSING, add_special_tokens=False)
+        return self._closing
+
+    def observe(self, token: int) -> Optional[list[int]]:
+        """Accept ``token`` (None) or return the tokens to feed instead."""
+        if token == self.special.think_open:
+            self.reasoning = True
+            return None
+        if not self.reasoning:
+            return None
+        if token == self.special.think_close or token in self.special.stop:
+            self.reasoning = False
+            return None
+        text = self.tokenizer.decode([token])
+        if self.closing_reason is None:
+            if self.budget is not None and self.count >= self.budget:
+                self.closing_reason = "budget"
+            elif self.count % 8 == 0 and looping(self.history):
+                self.closing_reason = "loop"
+        if self.closing_reason is not None:
+            if continues_word(self._prev_text, text) and self._grace < WORD_GRACE:
+                self._grace += 1
+            else:
+                self.reasoning = False
+                return self.closing_tokens()
+        self.count += 1
+        self.history.append(token)
+        self._prev_text = text
+        return None
+
+
+def continues_word(before: str, after: str) -> bool:
+    """Whether ``after`` would extend the word ``before`` ends with."""
+    if not before or not after:
+        return False
+    a, b = before[-1], after[0]
+    return a.isalnum() and b.isalnum() and not (_wide(a) or _wide(b))
+
+
+def _wide(ch: str) -> bool:
+    # CJK characters are words on their own.
+    return unicodedata.east_asian_width(ch) in "WF"
+
+
+def looping(tokens: Sequence[int], *, min_span: int = 64, max_period: int = 256, min_repeats: int = 3) -> bool:
+    """Whether ``tokens`` end in a span repeated back to back: ≥ 3 copies covering ≥ 64 tokens."""
+    n = len(tokens)
+    if n < min_span:
+        return False
+    a = np.asarray(tokens[-min(n, max(min_span, max_period * min_repeats)) :])
+    for p in range(1, max_period + 1):
+        reps = max(min_repeats, -(-min_span // p))
+        if reps * p > len(a):
+            break
+        tail = a[-reps * p :]
+        if np.array_equal(tail[p:], tail[:-p]):
+            return True
+    return False

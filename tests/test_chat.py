@@ -11,8 +11,9 @@ import pytest
 from conftest import rel_err
 
 from mlx_qwen35.chat import Chat
+from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generate import Sampling, prefill
+from mlx_qwen35.sampling import Sampling
 from mlx_qwen35.tokenizer import render_prompt
 
 GREEDY = Sampling(temperature=0.0)

@@ -20,12 +20,14 @@ from typer.testing import CliRunner
 from mlx_qwen35 import chat as chat_module
 from mlx_qwen35.chat import Chat, model_identity
 from mlx_qwen35.cli import app
+from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generate import Sampling, prefill, stream_generate
+from mlx_qwen35.generate import stream_generate
 from mlx_qwen35.loading import load_model
 from mlx_qwen35.model import Model
 from mlx_qwen35.model import cache as hybrid
 from mlx_qwen35.model.vision import VisionModel
+from mlx_qwen35.sampling import Sampling
 from mlx_qwen35.tokenizer import render_prompt
 
 GREEDY = Sampling(temperature=0.0)

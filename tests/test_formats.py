@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from mlx_qwen35 import models
 from mlx_qwen35.cli import app
 from mlx_qwen35.convert import QuantSpec, convert
-from mlx_qwen35.generate import prefill
+from mlx_qwen35.engine import prefill
 from mlx_qwen35.loading import load_model
 
 TOL = 1e-5

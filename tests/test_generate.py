@@ -9,22 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizer_fixture import byte_to_unicode
 
+from mlx_qwen35.engine import Request, run
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generate import (
+from mlx_qwen35.generate import generate, stream_generate
+from mlx_qwen35.media import PromptInputs
+from mlx_qwen35.reasoning import (
     CLOSING,
-    PRESETS,
     WORD_GRACE,
-    Sampling,
-    TextStream,
     ThinkingControl,
     continues_word,
-    generate,
     looping,
-    make_sampler,
-    run,
-    stream_generate,
+    split_reasoning,
 )
-from mlx_qwen35.reasoning import split_reasoning
+from mlx_qwen35.sampler import make_sampler
+from mlx_qwen35.sampling import PRESETS, Sampling
+from mlx_qwen35.stream import TextStream
 from mlx_qwen35.tokenizer import render_prompt
 
 GREEDY = Sampling(temperature=0.0)
@@ -44,7 +43,8 @@ def argmax_chain(model, ids: list[int], n: int, stop=(248046, 248044)) -> list[i
 def test_greedy_equals_argmax_chain_of_full_forwards(chat_model):
     model, tok = chat_model
     ids = render_prompt(tok, [{"role": "user", "content": "Tell me about the sea."}])
-    gen = run(model, tok, ids, model.make_cache(), reasoning=False, sampling=GREEDY, max_tokens=12)
+    request = Request(PromptInputs(ids), reasoning=False, sampling=GREEDY, max_tokens=12)
+    gen = run(model, tok, request, model.make_cache())
     pieces = list(gen)
     assert gen.result.tokens == argmax_chain(model, ids, 12)
     assert "".join(p.text for p in pieces) == gen.result.text
@@ -56,7 +56,7 @@ def test_greedy_equals_argmax_chain_of_full_forwards(chat_model):
 def test_prefill_in_chunks_equals_one_pass(chat_model):
     model, tok = chat_model
     ids = list(np.random.default_rng(3).integers(0, 240000, 150))
-    from mlx_qwen35.generate import prefill
+    from mlx_qwen35.engine import prefill
 
     one = prefill(model, ids, model.make_cache())
     cache = model.make_cache()
@@ -79,8 +79,9 @@ def test_budget_closes_thinking_at_n_tokens(chat_model, budget):
     ids = render_prompt(tok, [{"role": "user", "content": "Think about cats."}], enable_thinking=True)
     closing = tok.encode(CLOSING, add_special_tokens=False)
     gen = run(
-        model, tok, ids, model.make_cache(), reasoning=True, sampling=GREEDY, max_tokens=budget + 40,
-        thinking_budget=budget,
+        model, tok,
+        Request(PromptInputs(ids), reasoning=True, sampling=GREEDY, max_tokens=budget + 40, thinking_budget=budget),
+        model.make_cache(),
     )
     list(gen)
     tokens = gen.result.tokens
@@ -220,7 +221,7 @@ def test_bad_prompts(chat_model):
 
 
 def test_prefill_chunks_bound_attention_memory():
-    from mlx_qwen35.generate import ATTENTION_BUDGET, chunk_ends
+    from mlx_qwen35.engine import ATTENTION_BUDGET, chunk_ends
 
     heads = 8  # Qwen3.5-2B
     for offset, n in ((0, 100), (0, 5000), (16000, 20000), (120000, 3000)):
@@ -245,7 +246,7 @@ def test_prefilled_cache_holds_only_its_own_bytes(chat_model):
 
     from mlx_lm.models.cache import ArraysCache
 
-    from mlx_qwen35.generate import prefill
+    from mlx_qwen35.engine import prefill
 
     model, _ = chat_model
     mx.eval(model.parameters())

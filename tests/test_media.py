@@ -14,8 +14,9 @@ from PIL import Image
 
 from mlx_qwen35.chat import Chat
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generate import Sampling, stream_generate
+from mlx_qwen35.generate import stream_generate
 from mlx_qwen35.media import load_media, prompt_inputs, user_content
+from mlx_qwen35.sampling import Sampling
 from mlx_qwen35.tokenizer import render_prompt
 
 GREEDY = Sampling(temperature=0.0)

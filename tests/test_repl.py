@@ -20,8 +20,9 @@ from rich.console import Console
 
 from mlx_qwen35 import chat as chat_module
 from mlx_qwen35.chat import Chat
-from mlx_qwen35.generate import GenerationResult, Sampling
+from mlx_qwen35.engine import GenerationResult
 from mlx_qwen35.repl import MAX_TOKEN_BYTES, Repl, Totals, document_message, stats_line
+from mlx_qwen35.sampling import Sampling
 
 GREEDY = Sampling(temperature=0.0)
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[=>])")

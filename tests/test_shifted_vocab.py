@@ -17,10 +17,13 @@ from conftest import rel_err
 from tokenizer_fixture import added_tokens, write_tokenizer
 
 from mlx_qwen35.chat import Chat
+from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generate import CLOSING, Sampling, generate, prefill, stream_generate
+from mlx_qwen35.generate import generate, stream_generate
 from mlx_qwen35.loading import load_model
+from mlx_qwen35.reasoning import CLOSING
 from mlx_qwen35.repl import stats_line
+from mlx_qwen35.sampling import Sampling
 from mlx_qwen35.tokenizer import load_tokenizer, render_prompt
 
 VOCAB = 512

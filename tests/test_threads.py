@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import mlx_qwen35.gated_delta as gd
-from mlx_qwen35.generate import Sampling, generate
+from mlx_qwen35.generate import generate
 from mlx_qwen35.model import cpu
+from mlx_qwen35.sampling import Sampling
 
 
 def in_threads(fn, n: int = 1) -> list:
