@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import (
-    Any,
-    Callable,
-    Collection,
-    Generator,
-    Iterator,
-    Literal,
-    Optional,
-    Sequence,
-    Union,
-)
+from typing import Any, Callable, Collection, Generator, Iterator, Literal, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np

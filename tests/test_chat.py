@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from mlx_qwen35 import session
 from mlx_qwen35.chat import Chat
 from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
@@ -149,3 +150,20 @@ def test_failed_save_keeps_the_old_file(chat_model, tmp_path, monkeypatch):
     with pytest.raises(Qwen35Error, match="cannot save here"):
         chat.save(tmp_path / "missing-dir" / "s.session")
     shutil.rmtree(tmp_path)
+
+
+def test_cache_that_does_not_match_its_metadata(chat_model, tmp_path):
+    path = saved(chat_model, tmp_path)
+    model, tok = chat_model
+    arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    good = json.loads(metadata["session"])
+    good.pop("digest")
+    attention = next(i for i, n in enumerate(good["kv_offsets"]) if n)
+    recurrent = good["kv_offsets"].index(None)
+    for layer, offset in ((attention, good["kv_offsets"][attention] + 5), (recurrent, 3)):
+        meta = json.loads(json.dumps(good))
+        meta["kv_offsets"][layer] = offset
+        meta["digest"] = session._digest(meta, arrays)
+        mx.save_safetensors(str(tmp_path / "k.safetensors"), arrays, metadata={"session": json.dumps(meta)})
+        with pytest.raises(Qwen35Error, match=f"layer {layer}'s cache does not match 'kv_offsets'"):
+            Chat.load(tmp_path / "k.safetensors", model, tok)

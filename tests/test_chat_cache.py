@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mlx_qwen35 import chat as chat_module
-from mlx_qwen35.chat import Chat, model_identity
+from mlx_qwen35.chat import Chat
 from mlx_qwen35.cli import app
 from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
@@ -28,6 +28,7 @@ from mlx_qwen35.model import Model
 from mlx_qwen35.model import cache as hybrid
 from mlx_qwen35.model.vision import VisionModel
 from mlx_qwen35.sampling import Sampling
+from mlx_qwen35.session import model_identity
 from mlx_qwen35.tokenizer import render_prompt
 
 GREEDY = Sampling(temperature=0.0)

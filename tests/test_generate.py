@@ -13,14 +13,7 @@ from mlx_qwen35.engine import Request, run
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import generate, stream_generate
 from mlx_qwen35.media import PromptInputs
-from mlx_qwen35.reasoning import (
-    CLOSING,
-    WORD_GRACE,
-    ThinkingControl,
-    continues_word,
-    looping,
-    split_reasoning,
-)
+from mlx_qwen35.reasoning import CLOSING, WORD_GRACE, ThinkingControl, continues_word, looping, split_reasoning
 from mlx_qwen35.sampler import make_sampler
 from mlx_qwen35.sampling import PRESETS, Sampling
 from mlx_qwen35.stream import TextStream

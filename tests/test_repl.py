@@ -18,7 +18,7 @@ import mlx.core as mx
 import pytest
 from rich.console import Console
 
-from mlx_qwen35 import chat as chat_module
+from mlx_qwen35 import session
 from mlx_qwen35.chat import Chat
 from mlx_qwen35.engine import GenerationResult
 from mlx_qwen35.repl import MAX_TOKEN_BYTES, Repl, Totals, document_message, stats_line
@@ -424,7 +424,7 @@ def rewrite_session(src: Path, dst: Path, edit) -> Path:
     meta = json.loads(metadata["session"])
     meta.pop("digest")
     edit(meta)
-    meta["digest"] = chat_module._digest(meta, arrays)
+    meta["digest"] = session._digest(meta, arrays)
     tmp = dst.with_suffix(".safetensors")  # MLX would append the suffix
     mx.save_safetensors(str(tmp), arrays, metadata={"session": json.dumps(meta)})
     return tmp.rename(dst)

@@ -1,22 +1,113 @@
 """The hybrid cache: conv + recurrent state per Gated DeltaNet layer, KV per attention layer.
 
-A recurrent state cannot be trimmed back, but it can be copied cheaply (MLX
-arrays are immutable, so a snapshot is a set of references) and attention KV
-can be cut back by offset. Together that gives :func:`snapshot` and
-:func:`restore`: return the whole cache to any earlier point that was
-snapshotted.
+Every layer's cache answers the same few questions, so whatever keeps, saves
+or rolls back a cache (a chat, a session file; the server, batching and
+speculative decoding later) never asks which kind of layer it holds:
+
+* ``state``: its arrays by name (``{}`` while empty); assigning such a dict
+  puts them back. Every array has the batch of sequences on axis 0, so a
+  batch is one cache whose rows can be selected or joined as mlx-lm's batch
+  caches do.
+* ``meta_state``: what the arrays leave out, as JSON: an attention layer's
+  token count; ``None`` for a recurrent layer, whose state has no length.
+* ``snapshot()`` and ``restore(snapshot, n_tokens)``: back to an earlier
+  point. Attention KV is cut back to ``n_tokens``, so its snapshot is empty;
+  a recurrent state cannot be cut back, so its snapshot keeps the arrays (by
+  reference: MLX arrays are immutable, so that costs no copy). Rolling back a
+  few steps, as speculative decoding does after rejected drafts, is
+  restoring the snapshot taken before them and feeding the accepted tokens.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
 from ..errors import Qwen35Error
 
 KV_BITS = (4, 8)
+
+
+class RecurrentCache(ArraysCache):
+    """A Gated DeltaNet layer: its conv tail (``"0"``) and recurrent state (``"1"``)."""
+
+    def __init__(self):
+        super().__init__(size=2)
+
+    @property
+    def state(self) -> dict:
+        return {str(i): a for i, a in enumerate(self.cache) if a is not None}
+
+    @state.setter
+    def state(self, arrays: dict) -> None:
+        self.cache = [arrays.get(str(i)) for i in range(len(self.cache))]
+
+    @property
+    def meta_state(self) -> None:
+        return None
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return self.state
+
+    def restore(self, snapshot: dict, n_tokens: int) -> None:
+        self.state = snapshot
+
+
+class _Attention:
+    """What the float and the quantized KV caches share: cut back by offset."""
+
+    @property
+    def meta_state(self) -> int:
+        return self.offset
+
+    @meta_state.setter
+    def meta_state(self, offset: int) -> None:
+        self.offset = offset
+
+    def snapshot(self) -> dict:
+        return {}
+
+    def restore(self, snapshot: dict, n_tokens: int) -> None:
+        self.trim(self.offset - n_tokens)
+
+
+class AttentionCache(_Attention, KVCache):
+    """An attention layer's keys (``"k0"``) and values (``"v0"``)."""
+
+    @property
+    def state(self) -> dict:
+        if not self.offset:
+            return {}
+        keys, values = self.keys_and_values()
+        return {"k0": keys, "v0": values}
+
+    @state.setter
+    def state(self, arrays: dict) -> None:
+        if arrays:
+            self.keys, self.values = arrays["k0"], arrays["v0"]
+        self.offset = self.keys.shape[2] if arrays else 0
+
+
+class QuantizedAttentionCache(_Attention, QuantizedKVCache):
+    """Quantized keys and values: packed ``k0``/``v0``, scales ``k1``/``v1``, biases ``k2``/``v2``."""
+
+    @property
+    def state(self) -> dict:
+        if not self.offset:
+            return {}
+        keys, values = self.keys_and_values()
+        return {f"{name}{j}": a for name, part in (("k", keys), ("v", values)) for j, a in enumerate(part)}
+
+    @state.setter
+    def state(self, arrays: dict) -> None:
+        if arrays:
+            self.keys, self.values = (tuple(arrays[f"{name}{j}"] for j in range(3)) for name in "kv")
+        self.offset = self.keys[0].shape[2] if arrays else 0
 
 
 def make_cache(layers, kv_bits: Optional[int] = None) -> list[Any]:
@@ -26,39 +117,28 @@ def make_cache(layers, kv_bits: Optional[int] = None) -> list[Any]:
     out = []
     for layer in layers:
         if layer.is_linear:
-            out.append(ArraysCache(size=2))
+            out.append(RecurrentCache())
         elif kv_bits is None:
-            out.append(KVCache())
+            out.append(AttentionCache())
         else:
             hd = layer.self_attn.head_dim
-            out.append(QuantizedKVCache(group_size=64 if hd % 64 == 0 else 32, bits=kv_bits))
+            out.append(QuantizedAttentionCache(group_size=64 if hd % 64 == 0 else 32, bits=kv_bits))
     return out
 
 
 def offset(cache: list[Any]) -> int:
     """Tokens the cache holds (its attention layers all agree after a complete step)."""
-    return min(c.offset for c in cache if not isinstance(c, ArraysCache))
+    return min(c.meta_state for c in cache if c.meta_state is not None)
 
 
-Snapshot = list  # per layer: (conv, recurrent) for Gated DeltaNet, None for attention
+Snapshot = list  # per layer, what its snapshot() returned
 
 
 def snapshot(cache: list[Any]) -> Snapshot:
-    return [(c[0], c[1]) if isinstance(c, ArraysCache) else None for c in cache]
+    return [c.snapshot() for c in cache]
 
 
 def restore(cache: list[Any], snap: Snapshot, n_tokens: int) -> None:
     """Put ``cache`` back to the point ``snap`` was taken at, ``n_tokens`` in."""
     for c, s in zip(cache, snap):
-        if isinstance(c, ArraysCache):
-            c[0], c[1] = s
-        else:
-            c.trim(c.offset - n_tokens)
-
-
-def nbytes(arrays) -> int:
-    return sum(a.nbytes for a in arrays if isinstance(a, mx.array))
-
-
-def snapshot_nbytes(snap: Snapshot) -> int:
-    return sum(nbytes(s) for s in snap if s is not None)
+        c.restore(s, n_tokens)
