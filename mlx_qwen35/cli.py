@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from .cli_options import PRECISION, DType, Precision, QMode, check_text, settings_from, with_shared_options
 from .errors import Qwen35Error
 
 app = typer.Typer(
@@ -49,26 +49,6 @@ def fail(message: str, code: int = 1) -> None:
 def print_json_error(message: str) -> None:
     sys.stdout.write(json.dumps({"error": message}, ensure_ascii=False) + "\n")
     sys.stdout.flush()
-
-
-def text_arg(name: str, value: Optional[str]) -> None:
-    """A string from the command line; Python maps argument bytes that are not UTF-8 to lone surrogates."""
-    if value is not None:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            fail(f"{name}: not valid UTF-8")
-
-
-def read_stdin(context: int) -> str:
-    """The message piped in, read no further than a ``context``-token prompt can hold."""
-    from .repl import read_limited
-
-    data = read_limited("stdin", sys.stdin.buffer, context)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Qwen35Error(f"stdin: not valid UTF-8 (byte {e.start})") from None
 
 
 def capped_max_tokens(max_tokens: int, context: int) -> int:
@@ -120,34 +100,6 @@ def conversion_progress() -> Iterator:
             bar.stop()
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class QMode(str, Enum):
-    affine = "affine"
-    mxfp4 = "mxfp4"
-    nvfp4 = "nvfp4"
-    mxfp8 = "mxfp8"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    q4 = "4bit"
-    q8 = "8bit"
-
-
-class Preset(str, Enum):  # the keys of mlx_qwen35.generate.PRESETS (a test keeps them equal)
-    thinking = "thinking"
-    thinking_coding = "thinking-coding"
-    instruct = "instruct"
-    instruct_vision = "instruct-vision"
-
-
 @app.command()
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Hugging Face checkpoint: local folder or hub id."),
@@ -177,63 +129,6 @@ def convert(
             f"  {part:<15} {nparams / 1e6:9.1f} M params  {nbytes / 2**20:9.1f} MiB  "
             f"{summary.bits_per_weight(part):5.2f} bits/weight"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# chat and generate share these options.
-
-MODEL = typer.Option(
-    None,
-    "--model",
-    "-m",
-    help="Local folder (Hugging Face, mlx_qwen35 or mlx-lm/mlx-vlm layout) or hub id. "
-    "Default: Qwen/Qwen3.5-2B, downloaded and converted once into ~/.cache/mlx_qwen35.",
-    show_default=False,
-)
-PRECISION = typer.Option(
-    Precision.auto,
-    "--precision",
-    help="Weights at run time. auto: 4bit on an Apple GPU, float32 on a CPU (fastest there); "
-    "an already quantized checkpoint runs as stored.",
-)
-SYSTEM = typer.Option(None, "--system", help="System prompt.")
-THINK = typer.Option(False, "--think/--no-think", help="Reason before answering.")
-BUDGET = typer.Option(None, "--thinking-budget", min=0, help="End reasoning after about this many tokens.")
-PRESET = typer.Option(
-    None,
-    "--preset",
-    help="Sampling preset from the model card. Default: thinking with --think, else instruct.",
-    show_default=False,
-)
-TEMP = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Overrides the preset.")
-TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1]. Overrides the preset.")
-TOP_K = typer.Option(None, "--top-k", help="Sample among the k likeliest tokens (0: all). Overrides the preset.")
-MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min-p × the top probability. Overrides the preset.")
-PRESENCE = typer.Option(None, "--presence-penalty", help="Penalty on tokens already generated. Overrides the preset.")
-REPETITION = typer.Option(None, "--repetition-penalty", help="Multiplicative repetition penalty (1: off).")
-SEED = typer.Option(None, "--seed", min=0, max=2**64 - 1, help="Random seed, for repeatable sampling.")
-KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the attention KV cache to 4 or 8 bits (long contexts).")
-TEMPLATE = typer.Option(
-    None,
-    "--chat-template",
-    exists=True,
-    dir_okay=False,
-    help="Jinja chat template file replacing the checkpoint's own.",
-    show_default=False,
-)
-
-
-def sampling_from(preset_name, think, **overrides):
-    """The Sampling the flags describe; None when none is given, so the think mode picks the preset."""
-    from dataclasses import replace
-
-    from .sampling import default_sampling, preset
-
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if preset_name is None and not given:
-        return None
-    base = preset(preset_name.value) if preset_name is not None else default_sampling(think)
-    return replace(base, **given)
 
 
 def check_model(model: Optional[str], name: str = "--model") -> None:
@@ -294,23 +189,10 @@ def wired(model):
 
 
 @app.command()
+@with_shared_options
 def chat(
-    model: Optional[str] = MODEL,
-    precision: Precision = PRECISION,
-    system: Optional[str] = SYSTEM,
-    think: bool = THINK,
-    thinking_budget: Optional[int] = BUDGET,
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Longest answer, in tokens, per turn."),
-    preset: Optional[Preset] = PRESET,
-    temp: Optional[float] = TEMP,
-    top_p: Optional[float] = TOP_P,
-    top_k: Optional[int] = TOP_K,
-    min_p: Optional[float] = MIN_P,
-    presence_penalty: Optional[float] = PRESENCE,
-    repetition_penalty: Optional[float] = REPETITION,
-    seed: Optional[int] = SEED,
-    kv_bits: Optional[int] = KV_BITS,
-    chat_template: Optional[Path] = TEMPLATE,
+    **shared,
 ):
     """Chat with the model in the terminal (the answer streams; /help lists the commands).
 
@@ -318,33 +200,25 @@ def chat(
     (/think, /budget, /system); /save and /load keep a conversation with its
     cache. Ctrl-C stops an answer, Ctrl-D leaves.
     """
-    from .model.cache import KV_BITS as ALLOWED_KV_BITS
     from .models import cache_root
     from .repl import Repl, plain_reader, terminal_reader
 
-    sampling = run_or_fail(
-        sampling_from, preset, think, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
-    )
-    if kv_bits is not None and kv_bits not in ALLOWED_KV_BITS:
-        fail(f"--kv-bits: {kv_bits} is not one of {', '.join(map(str, ALLOWED_KV_BITS))}")
-    text_arg("--system", system)
-    m, tokenizer = open_model(model, precision, chat_template)
-    conversation = make_chat(
-        m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
-        max_tokens=capped_max_tokens(max_tokens, m.config.text.max_position_embeddings), kv_bits=kv_bits, seed=seed,
-    )
+    settings = run_or_fail(settings_from, shared)
+    m, tokenizer = open_model(shared["model"], shared["precision"], shared["chat_template"])
+    max_tokens = capped_max_tokens(max_tokens, m.config.text.max_position_embeddings)
+    conversation = make_chat(m, tokenizer, max_tokens=max_tokens, **settings)
     console = Console(soft_wrap=True, highlight=False)
     interactive = sys.stdin.isatty()
     if not interactive and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     read = terminal_reader(cache_root() / "history") if interactive else plain_reader
-    note(f"thinking {'on' if think else 'off'} │ /help for commands, Ctrl-D to leave")
+    note(f"thinking {'on' if settings['think'] else 'off'} │ /help for commands, Ctrl-D to leave")
     with wired(m):
         Repl(conversation, console=console, read=read).run()
 
 
 @app.command()
+@with_shared_options
 def generate(
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p", help="The user message. Default: read from stdin.", show_default=False
@@ -352,23 +226,8 @@ def generate(
     file: Optional[Path] = typer.Option(
         None, "--file", "-f", help="A text file sent as the message (before --prompt, if both).", show_default=False
     ),
-    model: Optional[str] = MODEL,
-    precision: Precision = PRECISION,
-    system: Optional[str] = SYSTEM,
-    think: bool = THINK,
-    thinking_budget: Optional[int] = BUDGET,
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Longest answer, in tokens."),
-    preset: Optional[Preset] = PRESET,
-    temp: Optional[float] = TEMP,
-    top_p: Optional[float] = TOP_P,
-    top_k: Optional[int] = TOP_K,
-    min_p: Optional[float] = MIN_P,
-    presence_penalty: Optional[float] = PRESENCE,
-    repetition_penalty: Optional[float] = REPETITION,
-    seed: Optional[int] = SEED,
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not output."),
-    kv_bits: Optional[int] = KV_BITS,
-    chat_template: Optional[Path] = TEMPLATE,
     image: list[Path] = typer.Option([], "--image", help="An image to look at (repeatable; they precede the text)."),
     video: list[Path] = typer.Option(
         [], "--video", help="A video: an animated GIF or a folder of frames (repeatable)."
@@ -376,6 +235,7 @@ def generate(
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object (reasoning, text, finish_reason, stats) instead of streaming."
     ),
+    **shared,
 ):
     """Answer one message and exit: for scripts and pipes.
 
@@ -383,25 +243,20 @@ def generate(
     dimmed, and so do the figures, so stdout holds only the answer.
     With --json nothing streams and stdout gets one JSON object.
     """
-    from .model.cache import KV_BITS as ALLOWED_KV_BITS
-    from .repl import document_message, stats_line
+    from .documents import document_message, read_stdin
+    from .repl import stats_line
 
     global json_errors
     json_errors = as_json
-    sampling = run_or_fail(
-        sampling_from, preset, think, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
-    )
-    if kv_bits is not None and kv_bits not in ALLOWED_KV_BITS:
-        fail(f"--kv-bits: {kv_bits} is not one of {', '.join(map(str, ALLOWED_KV_BITS))}")
-    for name, value in (("--prompt", prompt), ("--system", system), *(("--stop", s) for s in stop)):
-        text_arg(name, value)
+    settings = run_or_fail(settings_from, shared)
+    for name, value in (("--prompt", prompt), *(("--stop", s) for s in stop)):
+        run_or_fail(check_text, name, value)
     from_stdin = prompt is None and not sys.stdin.isatty()
     if prompt is None and file is None and not from_stdin:
         fail("no prompt: pass --prompt TEXT, pipe the message on stdin, or --file PATH")
     if file is None and prompt is not None and not prompt.strip():
         fail("prompt: empty")
-    p = plan_model(model, precision)
+    p = plan_model(shared["model"], shared["precision"])
     context = context_of(p)  # bounds what is read: stdin or a file can be endless
     if from_stdin:
         prompt = run_or_fail(read_stdin, context)
@@ -411,45 +266,25 @@ def generate(
         fail("prompt: empty")
     else:
         message = prompt
-    m, tokenizer = load_planned(p, chat_template)
-    conversation = make_chat(
-        m, tokenizer, system=system, think=think, thinking_budget=thinking_budget, sampling=sampling,
-        max_tokens=capped_max_tokens(max_tokens, context), kv_bits=kv_bits, seed=seed,
-    )
+    m, tokenizer = load_planned(p, shared["chat_template"])
+    conversation = make_chat(m, tokenizer, max_tokens=capped_max_tokens(max_tokens, context), **settings)
     gen = run_or_fail(conversation.send, message, images=image, videos=video, stop=stop)
     open_line = {"reasoning": False, "answer": False}  # text written without a final newline
     try:
         with wired(m):
             for piece in gen:
-                if as_json or not piece.text:
-                    continue
-                if piece.kind == "reasoning":
-                    err.print(Text(piece.text, style="dim"), end="")
-                else:
-                    if open_line["reasoning"]:
-                        err.print()
-                        open_line["reasoning"] = False
-                    sys.stdout.write(piece.text)
-                    sys.stdout.flush()
-                open_line[piece.kind] = not piece.text.endswith("\n")
+                if not as_json:
+                    write_piece(piece, open_line)
     except KeyboardInterrupt:
         gen.close()
     except Qwen35Error as e:
         fail(str(e))
     r = gen.result
     if as_json:
-        stats = {
-            k: getattr(r, k)
-            for k in (
-                "prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps", "generation_tps",
-                "peak_memory_gb",
-            )
-        }
-        json.dump(
-            {"reasoning": r.reasoning, "text": r.text, "finish_reason": r.finish_reason, "stats": stats},
-            sys.stdout,
-            ensure_ascii=False,
-        )
+        stats = ("prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps", "generation_tps")
+        stats = {k: getattr(r, k) for k in (*stats, "peak_memory_gb")}
+        reply = {"reasoning": r.reasoning, "text": r.text, "finish_reason": r.finish_reason, "stats": stats}
+        json.dump(reply, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     elif open_line["answer"]:
         sys.stdout.write("\n")
@@ -459,6 +294,21 @@ def generate(
     note(stats_line(r))
     if r.finish_reason == "interrupted":
         raise typer.Exit(130)
+
+
+def write_piece(piece, open_line: dict) -> None:
+    """The answer to stdout, the reasoning dimmed to stderr; ``open_line``: whether each ends without a newline."""
+    if not piece.text:
+        return
+    if piece.kind == "reasoning":
+        err.print(Text(piece.text, style="dim"), end="")
+    else:
+        if open_line["reasoning"]:
+            err.print()
+            open_line["reasoning"] = False
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    open_line[piece.kind] = not piece.text.endswith("\n")
 
 
 @app.command()

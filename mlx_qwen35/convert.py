@@ -28,10 +28,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import precision
 from .config import load_config
 from .errors import Qwen35Error
 from .loading import resolve
 from .model import Model
+from .precision import FLOAT_MODES, Q_MODES
 from .weights import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -43,11 +45,7 @@ from .weights import (
     to_ours,
 )
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-# mode → (bits, group size) for the float formats, whose layout is fixed
-FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
-Q_MODES = ("affine", *FLOAT_MODES)
+DTYPES = {name: getattr(mx, name) for name in precision.DTYPES}
 
 # Copied verbatim from the source checkpoint; never code.
 SIDE_FILES = (

@@ -23,9 +23,9 @@ import mlx.core as mx
 
 from .errors import Qwen35Error
 from .loading import resolve
+from .precision import PRECISIONS
 
 DEFAULT_MODEL = "Qwen/Qwen3.5-2B"
-PRECISIONS = ("auto", "float32", "bfloat16", "4bit", "8bit")
 CPU_NOTE = "CPU backend: running in float32, the fastest here (float32 matmuls use BLAS; bf16 and quantized ones do not)"
 DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 

@@ -17,12 +17,12 @@ from .errors import Qwen35Error
 class Sampling:
     """Sampling settings; ``temperature`` 0 is greedy."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 20
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float = 1.0  # logits are divided by it
+    top_p: float = 1.0  # the smallest set of likeliest tokens holding this much probability
+    top_k: int = 20  # the k likeliest tokens; 0: all
+    min_p: float = 0.0  # drops tokens below min_p × the top probability
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the answer holds already
+    repetition_penalty: float = 1.0  # shrinks the logits of the last 20 tokens by this factor; 1: off
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):

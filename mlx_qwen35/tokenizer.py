@@ -111,20 +111,6 @@ def render_text(
         raise Qwen35Error(f"chat template of {tokenizer.name_or_path} rejected the messages: {e}") from None
 
 
-def render_prompt(
-    tokenizer: TokenizerWrapper,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    enable_thinking: bool = False,
-    add_generation_prompt: bool = True,
-    tools: Optional[Sequence[Mapping[str, Any]]] = None,
-) -> list[int]:
-    """Token ids of :func:`render_text` (special tokens in the text become their ids, no BOS added)."""
-    text = render_text(
-        tokenizer,
-        messages,
-        enable_thinking=enable_thinking,
-        add_generation_prompt=add_generation_prompt,
-        tools=tools,
-    )
-    return tokenizer.encode(text, add_special_tokens=False)
+def render_prompt(tokenizer: TokenizerWrapper, messages: Sequence[Mapping[str, Any]], **options: Any) -> list[int]:
+    """Token ids of :func:`render_text` (its ``options``; special tokens in the text become their ids, no BOS added)."""
+    return tokenizer.encode(render_text(tokenizer, messages, **options), add_special_tokens=False)

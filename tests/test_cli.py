@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 
 import mlx_qwen35
 from mlx_qwen35 import models
-from mlx_qwen35.cli import Preset, app, main
+from mlx_qwen35.cli import app, main
+from mlx_qwen35.cli_options import Preset
 from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.repl import MAX_TOKEN_BYTES, document_message
+from mlx_qwen35.documents import MAX_TOKEN_BYTES, document_message
 from mlx_qwen35.sampling import PRESETS
 
 runner = CliRunner()

@@ -21,7 +21,8 @@ from rich.console import Console
 from mlx_qwen35 import session
 from mlx_qwen35.chat import Chat
 from mlx_qwen35.engine import GenerationResult
-from mlx_qwen35.repl import MAX_TOKEN_BYTES, Repl, Totals, document_message, stats_line
+from mlx_qwen35.documents import MAX_TOKEN_BYTES, document_message
+from mlx_qwen35.repl import Repl, Totals, stats_line
 from mlx_qwen35.sampling import Sampling
 
 GREEDY = Sampling(temperature=0.0)

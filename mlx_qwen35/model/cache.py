@@ -59,7 +59,25 @@ class RecurrentCache(ArraysCache):
 
 
 class _Attention:
-    """What the float and the quantized KV caches share: cut back by offset."""
+    """What the float and the quantized KV caches share: cut back by offset.
+
+    Keys and values are each held in ``PARTS`` arrays, named ``k0``… and ``v0``….
+    """
+
+    PARTS = 1
+
+    @property
+    def state(self) -> dict:
+        if not self.offset:
+            return {}
+        keys, values = self.keys_and_values()
+        return {f"{n}{j}": a for n, x in (("k", keys), ("v", values)) for j, a in enumerate(self.parts(x))}
+
+    @state.setter
+    def state(self, arrays: dict) -> None:
+        if arrays:
+            self.keys, self.values = (self.whole([arrays[f"{n}{j}"] for j in range(self.PARTS)]) for n in "kv")
+        self.offset = self.parts(self.keys)[0].shape[2] if arrays else 0
 
     @property
     def meta_state(self) -> int:
@@ -75,39 +93,24 @@ class _Attention:
     def restore(self, snapshot: dict, n_tokens: int) -> None:
         self.trim(self.offset - n_tokens)
 
+    @staticmethod
+    def parts(x) -> tuple:
+        return (x,)
+
+    @staticmethod
+    def whole(parts: list):
+        return parts[0]
+
 
 class AttentionCache(_Attention, KVCache):
-    """An attention layer's keys (``"k0"``) and values (``"v0"``)."""
-
-    @property
-    def state(self) -> dict:
-        if not self.offset:
-            return {}
-        keys, values = self.keys_and_values()
-        return {"k0": keys, "v0": values}
-
-    @state.setter
-    def state(self, arrays: dict) -> None:
-        if arrays:
-            self.keys, self.values = arrays["k0"], arrays["v0"]
-        self.offset = self.keys.shape[2] if arrays else 0
+    """An attention layer's keys (``k0``) and values (``v0``)."""
 
 
 class QuantizedAttentionCache(_Attention, QuantizedKVCache):
-    """Quantized keys and values: packed ``k0``/``v0``, scales ``k1``/``v1``, biases ``k2``/``v2``."""
+    """Quantized keys and values: packed (``k0``, ``v0``), scales (``k1``, ``v1``), biases (``k2``, ``v2``)."""
 
-    @property
-    def state(self) -> dict:
-        if not self.offset:
-            return {}
-        keys, values = self.keys_and_values()
-        return {f"{name}{j}": a for name, part in (("k", keys), ("v", values)) for j, a in enumerate(part)}
-
-    @state.setter
-    def state(self, arrays: dict) -> None:
-        if arrays:
-            self.keys, self.values = (tuple(arrays[f"{name}{j}"] for j in range(3)) for name in "kv")
-        self.offset = self.keys[0].shape[2] if arrays else 0
+    PARTS = 3
+    parts = whole = staticmethod(tuple)
 
 
 def make_cache(layers, kv_bits: Optional[int] = None) -> list[Any]:
