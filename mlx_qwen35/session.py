@@ -63,7 +63,7 @@ def save(chat, path: Union[str, Path]) -> Path:
     for j, m in enumerate(chat.media):
         arrays[f"media.{j}"] = m.encode(chat.model)
     settings = {f.name: getattr(chat, f.name) for f in fields(Settings)}
-    settings["sampling"] = chat.sampling and vars(chat.sampling)
+    settings["sampling"] = None if chat.sampling is None else vars(chat.sampling)
     meta = {
         "format": SESSION_FORMAT,
         "version": SESSION_VERSION,
@@ -108,8 +108,9 @@ def load(cls, path: Union[str, Path], model, tokenizer):
     digest = meta.pop("digest", None)
     if digest != _digest(meta, arrays):
         raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
-    settings = meta["settings"]
-    chat = cls(model, tokenizer, **dict(settings, sampling=settings["sampling"] and Sampling(**settings["sampling"])))
+    settings = dict(meta["settings"])
+    settings["sampling"] = None if settings["sampling"] is None else Sampling(**settings["sampling"])
+    chat = cls(model, tokenizer, **settings)
     chat.messages = meta["messages"]
     chat.tokens = meta["tokens"]
     layers = _by_layer(arrays)

@@ -10,6 +10,7 @@ speculative decoding later) never asks which kind of layer it holds:
   caches do.
 * ``meta_state``: what the arrays leave out, as JSON: an attention layer's
   token count; ``None`` for a recurrent layer, whose state has no length.
+  Assigning the meta state, then the state, restores a saved layer.
 * ``snapshot()`` and ``restore(snapshot, n_tokens)``: back to an earlier
   point. Attention KV is cut back to ``n_tokens``, so its snapshot is empty;
   a recurrent state cannot be cut back, so its snapshot keeps the arrays (by
