@@ -25,7 +25,7 @@ from common import race, use_fast_blas  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.gated_delta import gated_delta_ops  # noqa: E402
 
-import mlx_qwen35.gated_delta as gd  # noqa: E402
+import mlx_qwen35.ops.recurrence as gd  # noqa: E402
 
 B, H, D = 1, 16, 128
 

@@ -1,4 +1,4 @@
-"""The text model's CPU numerics (mlx_qwen35.model.cpu) against float64 references.
+"""The text model's CPU numerics (mlx_qwen35.ops.cpu) against float64 references.
 
 - ``project``: half-precision weights multiplied in float32, quantized ones
   dequantized in blocks (every affine bit width, every group size): within the
@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qwen35.model import cpu
+from mlx_qwen35.ops import cpu
 
 f32 = mx.float32
 

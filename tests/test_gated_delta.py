@@ -5,7 +5,7 @@ for y and for the final state. float32: 1e-5. bfloat16 q/k/v: the reference
 runs on the same bf16 values in float32, so the state (float32 throughout)
 stays within 1e-5 and y within 1e-2, its rounding to bf16 on output.
 
-The Metal kernel is proven here by compiling kernels/gated_delta.metal as C++
+The Metal kernel is proven here by compiling ops/gated_delta.metal as C++
 under tests/metal_shim (32 lanes per SIMD-group run as cooperative threads),
 launched by the same Python code that launches it on Metal; on a Mac the same
 cases also run the real kernel through MLX. ``reference`` itself is checked
@@ -29,8 +29,8 @@ import pytest
 from conftest import spy
 from metal_shim import shim
 
-import mlx_qwen35.gated_delta as gd
-from mlx_qwen35.backend import ENV_PORTABLE, blas_hint
+import mlx_qwen35.ops.recurrence as gd
+from mlx_qwen35.ops.blas import ENV_PORTABLE, blas_hint
 from mlx_qwen35.errors import Qwen35Error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -619,7 +619,7 @@ OPENBLAS = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/openblas-pthread/libbl
 
 
 def hint_in_subprocess(**env) -> str:
-    code = "import numpy, mlx.core; from mlx_qwen35.backend import blas_hint; print(blas_hint())"
+    code = "import numpy, mlx.core; from mlx_qwen35.ops.blas import blas_hint; print(blas_hint())"
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE")}
     proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from conftest import rel_err, spy
 
-import mlx_qwen35.gated_delta as gd
-from mlx_qwen35.backend import ENV_PORTABLE, portable
+import mlx_qwen35.ops.recurrence as gd
+from mlx_qwen35.ops.blas import ENV_PORTABLE, portable
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.loading import load_model
-from mlx_qwen35.model import cpu, text
+from mlx_qwen35.model import text
+from mlx_qwen35.ops import cpu
 
 
 @pytest.fixture

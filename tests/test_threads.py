@@ -15,9 +15,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import mlx_qwen35.gated_delta as gd
+import mlx_qwen35.ops.recurrence as gd
 from mlx_qwen35.generate import Sampling, generate
-from mlx_qwen35.model import cpu
+from mlx_qwen35.ops import cpu
 
 
 def in_threads(fn, n: int = 1) -> list:

@@ -15,8 +15,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from ..config import TextConfig
-from ..gated_delta import gated_delta_update
-from .cpu import cpu_attention, cpu_paths, per_shape_compile, project, sigmoid_mul, swiglu
+from ..ops.recurrence import gated_delta_update
+from ..ops.cpu import cpu_attention, cpu_paths, per_shape_compile, project, sigmoid_mul, swiglu
 from .rope import MRoPE
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .errors import Qwen35Error
+from ..errors import Qwen35Error
 
 ENV_PORTABLE = "MLX_QWEN35_PORTABLE"
 

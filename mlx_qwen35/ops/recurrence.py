@@ -17,7 +17,7 @@ Four implementations, one entry point (:func:`gated_delta_update`):
 
 * ``reference``: the plain sequential recurrence, the ground truth.
 * ``chunked``: chunk-parallel (WY/UT form) in MLX ops, for any device.
-* ``metal``: the custom kernel in ``kernels/gated_delta.metal`` (Apple GPUs).
+* ``metal``: the custom kernel in ``gated_delta.metal`` beside it (Apple GPUs).
 * ``fast``: MLX's own ``mx.fast.gated_delta_update``.
 
 ``auto`` picks one per device, T and shape (see :func:`choose_method`); the
@@ -35,14 +35,14 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .backend import portable
-from .errors import Qwen35Error
+from .blas import portable
+from ..errors import Qwen35Error
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "reference", "chunked", "metal", "fast")
 ENV_METHOD = "MLX_QWEN35_GDN_METHOD"
-KERNEL_SOURCE = Path(__file__).parent / "kernels" / "gated_delta.metal"
+KERNEL_SOURCE = Path(__file__).parent / "gated_delta.metal"
 
 
 # --------------------------------------------------------------------------- reference
@@ -255,7 +255,7 @@ def chunk_size(T: int) -> int:
 
 # --------------------------------------------------------------------------- metal
 #
-# Launch geometry and template constants of kernels/gated_delta.metal. LANES
+# Launch geometry and template constants of gated_delta.metal. LANES
 # lanes share a value row: 32 (one row per SIMD-group, most parallelism) for
 # decode, where a step is a single pass over the state; 4 (eight rows per
 # SIMD-group, two shuffle levels instead of five, 32 state registers per

@@ -16,7 +16,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..backend import portable
+from .blas import portable
 
 
 def cpu_paths() -> bool:

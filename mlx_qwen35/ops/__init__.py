@@ -1,0 +1,1 @@
+"""The kernels under the model graph."""
