@@ -9,7 +9,7 @@
 - :mod:`.blas`: which BLAS MLX's CPU backend multiplies with, and a hint when it is slow.
 """
 
-from .dispatch import attention, causal_conv, gated_delta_update, portable, sigmoid_mul, swiglu
+from .dispatch import attention, causal_conv, gated_delta_update, sigmoid_mul, swiglu
 from .linear import prepare
 
-__all__ = ["attention", "causal_conv", "gated_delta_update", "portable", "prepare", "sigmoid_mul", "swiglu"]
+__all__ = ["attention", "causal_conv", "gated_delta_update", "prepare", "sigmoid_mul", "swiglu"]
