@@ -247,7 +247,7 @@ def plan_model(model: Optional[str], precision: Precision):
 
     check_model(model)
     if sys.platform.startswith("linux"):
-        from .backend import blas_hint
+        from .ops.blas import blas_hint
 
         hint = blas_hint()
         if hint:

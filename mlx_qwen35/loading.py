@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, load_config
 from .errors import Qwen35Error
 from .model import Model
+from .ops import prepare
 from .weights import (
     apply_quantization,
     cast,
@@ -89,6 +90,7 @@ def load_model(
     model.source = folder  # where the preprocessor settings for images live
     if dtype is not None:
         cast(model, dtype)
+    prepare(model.language_model)  # float32-BLAS projections where the CPU paths apply
     model.language_model.dtype = run_dtype(model)
     if not lazy:
         mx.eval(model.language_model.parameters())
