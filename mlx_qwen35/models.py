@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from .errors import Qwen35Error
 from .loading import resolve
+from .weights import Checkpoint
 
 DEFAULT_MODEL = "Qwen/Qwen3.5-2B"
 PRECISIONS = ("auto", "float32", "bfloat16", "4bit", "8bit")
@@ -55,26 +56,6 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
 
 
-@dataclass(frozen=True)
-class _Checkpoint:
-    format: str  # "hf", "ours" or "mlx"
-    quant_bits: Optional[int]
-    dtype: mx.Dtype  # of its floating weights (the embedding's)
-
-
-def _inspect(folder: Path) -> _Checkpoint:
-    from .config import load_config
-    from .weights import detect_format, read_checkpoint
-
-    config = load_config(folder)
-    tensors = read_checkpoint(folder).tensors  # lazy: headers only
-    fmt = detect_format(config.raw, tensors)
-    quant = config.quantization
-    floats = [w.dtype for w in tensors.values() if mx.issubdtype(w.dtype, mx.floating)]
-    dtype = max(set(floats), key=floats.count) if floats else mx.float32
-    return _Checkpoint(fmt, None if not quant else quant.get("bits", 4), dtype)
-
-
 def plan(
     model: Optional[str] = None,
     precision: str = "auto",
@@ -100,12 +81,12 @@ def plan(
         for tag in _cache_tags(p):
             cached = cache_root() / f"{name.replace('/', '--')}-{tag}"
             if (cached / "config.json").is_file():
-                return _plan_folder(cached, _inspect(cached), precision, p, notes)
+                return _plan_folder(cached, Checkpoint.open(cached), precision, p, notes)
     folder = resolve(name)  # a hub id that is not cached yet is downloaded here
-    ckpt = _inspect(folder)
+    ckpt = Checkpoint.open(folder)
     if hub and convert and ckpt.format == "hf":
         folder = _convert_once(name, folder, p, ckpt, say, progress)
-        ckpt = _inspect(folder)
+        ckpt = Checkpoint.open(folder)
     return _plan_folder(folder, ckpt, precision, p, notes)
 
 
@@ -115,8 +96,9 @@ def _cache_tags(precision: str) -> tuple[str, ...]:
     return (precision,)
 
 
-def _convert_once(name: str, source: Path, precision: str, ckpt: _Checkpoint, say, progress) -> Path:
-    from .convert import QuantSpec, convert
+def _convert_once(name: str, source: Path, precision: str, ckpt: Checkpoint, say, progress) -> Path:
+    from .convert import convert
+    from .quant import QuantSpec
 
     if precision in ("4bit", "8bit"):
         dtype, spec, tag = "bfloat16", QuantSpec(bits=int(precision[0])), precision
@@ -130,7 +112,7 @@ def _convert_once(name: str, source: Path, precision: str, ckpt: _Checkpoint, sa
     return out
 
 
-def _plan_folder(folder: Path, ckpt: _Checkpoint, requested: str, precision: str, notes: tuple[str, ...]) -> Plan:
+def _plan_folder(folder: Path, ckpt: Checkpoint, requested: str, precision: str, notes: tuple[str, ...]) -> Plan:
     cast = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(precision)
     if ckpt.quant_bits is None:
         bits = int(precision[0]) if precision in ("4bit", "8bit") else None
@@ -149,8 +131,8 @@ def _plan_folder(folder: Path, ckpt: _Checkpoint, requested: str, precision: str
 
 def build(p: Plan, *, lazy: bool = False):
     """The model of a :class:`Plan`; ``lazy`` reads no weights (shapes and dtypes only)."""
-    from .convert import QuantSpec, quantize
     from .loading import load_model
+    from .quant import QuantSpec, quantize
 
     model = load_model(p.folder, dtype=p.dtype, lazy=True)
     if p.quantize_bits is not None:
