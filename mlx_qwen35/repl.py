@@ -155,7 +155,7 @@ class Repl:
     """An interactive conversation around a :class:`~mlx_qwen35.chat.Chat`."""
 
     def __init__(self, chat, *, console: Console, read: Callable[[str], str], recovery: Optional[Path] = None):
-        from .models import cache_root
+        from .plan import cache_root
 
         self.chat = chat
         self.out = console

@@ -1,4 +1,4 @@
-"""Which checkpoint ``chat``, ``generate`` and ``info`` run, at which precision, and what it costs in memory.
+"""Which checkpoint ``chat``, ``generate`` and ``info`` run, and at which precision.
 
 ``--model`` is a local folder (a raw Hugging Face checkpoint, ours, or one
 written by mlx-lm / mlx-vlm) or a hub id. A hub repo that already holds MLX
@@ -14,7 +14,6 @@ ones on much slower generic kernels.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -149,79 +148,12 @@ def load_plan(p: Plan, chat_template: Optional[str] = None):
     return build(p), load_tokenizer(p.folder, chat_template)
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory: what the weights, the KV cache and the recurrent state take.
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Bytes the model takes at run time; KV per token for full-precision and quantized caches."""
-
-    weights: dict[str, int]  # "text", "vision" (loaded only when an image arrives)
-    kv_per_token: dict[Optional[int], float]  # kv_bits (None = unquantized) → bytes per token
-    state: int  # conv + recurrent state of every Gated DeltaNet layer, per conversation
-    compute_dtype: mx.Dtype
-    attention_layers: int
-    linear_layers: int
-    max_context: int
-
-    def longest_context(self, available: int, kv_bits: Optional[int] = None) -> int:
-        """Tokens whose KV fits in ``available`` bytes besides the text weights and the state."""
-        free = available - self.weights["text"] - self.state
-        return max(0, min(self.max_context, int(free // self.kv_per_token[kv_bits])))
-
-
-def footprint(model) -> Footprint:
-    """The :class:`Footprint` of a (lazy) model, from its config and its parameters' shapes and dtypes."""
-    from mlx.utils import tree_flatten
-
-    from .loading import run_dtype
-    from .model.cache import KV_BITS
-
-    cfg = model.config.text
-    lm = model.language_model
-    compute = run_dtype(model)  # the activations' dtype, hence the KV's
-    size = compute.size
-    attn = [layer for layer in lm.layers if not layer.is_linear]
-    linear = len(lm.layers) - len(attn)
-    elements = 2 * len(attn) * cfg.num_key_value_heads * cfg.head_dim  # keys and values
-    kv: dict[Optional[int], float] = {None: elements * size}
-    for bits in KV_BITS:
-        group = 64 if cfg.head_dim % 64 == 0 else 32
-        kv[bits] = elements * (bits / 8 + 2 * size / group)  # packed values, then a scale and a bias per group
-    # conv state in the compute dtype; the recurrent state is always float32
-    per_layer = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * size
-    per_layer += cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
-    weights = {"text": sum(w.nbytes for _, w in tree_flatten(lm.parameters()))}
-    if getattr(model, "visual", None) is not None:
-        weights["vision"] = sum(w.nbytes for _, w in tree_flatten(model.visual.parameters()))
-    return Footprint(weights, kv, linear * per_layer, compute, len(attn), linear, cfg.max_position_embeddings)
-
-
-def available_memory() -> tuple[int, str]:
-    """Bytes the model may use, and where that figure comes from."""
-    if mx.metal.is_available():
-        return int(mx.device_info()["max_recommended_working_set_size"]), "Metal's recommended working set"
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024, "MemAvailable"
-        except OSError:
-            pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
-
-
 __all__ = [
     "DEFAULT_MODEL",
     "PRECISIONS",
-    "Footprint",
     "Plan",
-    "available_memory",
     "build",
     "cache_root",
-    "footprint",
     "load_plan",
     "plan",
 ]
