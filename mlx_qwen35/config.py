@@ -115,6 +115,8 @@ class ModelConfig:
     # mlx-lm style: {"group_size", "bits", "mode", "<module path>": False | {...}}
     quantization: Optional[dict] = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    # the checkpoint folder it was read from, whose processor configs images are preprocessed by
+    folder: Optional[Path] = field(default=None, compare=False, repr=False)
 
 
 def _parse_text(d: dict, where: str) -> TextConfig:
@@ -320,4 +322,4 @@ def load_config(folder: Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise Qwen35Error(f"{path}: not found (a Qwen3.5 checkpoint folder has a config.json)")
-    return parse_config(read_json_object(path), str(path))
+    return replace(parse_config(read_json_object(path), str(path)), folder=Path(folder))

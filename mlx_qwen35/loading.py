@@ -66,9 +66,7 @@ def load_model(
     that evaluation: nothing is read, yet every array's shape and dtype (so
     the bytes it will take) are known.
     """
-    folder = resolve(path_or_id)
-    model = Checkpoint.open(folder).build(vision=vision, mtp=mtp)
-    model.source = folder  # where the preprocessor settings for images live
+    model = Checkpoint.open(resolve(path_or_id)).build(vision=vision, mtp=mtp)
     if dtype is not None:
         model.cast(dtype)
     model.language_model.dtype = run_dtype(model)

@@ -47,8 +47,8 @@ def load_media(model, images: Sequence = (), videos: Sequence = ()) -> list[Medi
         return []
     if not hasattr(model, "visual"):
         raise Qwen35Error("images: this model has no vision tower (a text-only checkpoint)")
-    source = getattr(model, "source", None)
-    image_settings, video_settings = load_settings(source) if source else (IMAGE_SETTINGS, VIDEO_SETTINGS)
+    folder = model.config.folder
+    image_settings, video_settings = load_settings(folder) if folder else (IMAGE_SETTINGS, VIDEO_SETTINGS)
     v = model.config.vision
     tower = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
     for name, s in (("preprocessor_config.json", image_settings), ("video_preprocessor_config.json", video_settings)):
