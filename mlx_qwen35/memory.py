@@ -43,8 +43,7 @@ def footprint(model) -> Footprint:
     elements = 2 * len(attn) * cfg.num_key_value_heads * cfg.head_dim  # keys and values
     kv: dict[Optional[int], float] = {None: elements * size}
     for bits in KV_BITS:
-        group = 64 if cfg.head_dim % 64 == 0 else 32
-        kv[bits] = elements * (bits / 8 + 2 * size / group)  # packed values, then a scale and a bias per group
+        kv[bits] = elements * (bits / 8 + 2 * size / model.kv_group_size)  # packed values, then a scale and a bias per group
     # conv state in the compute dtype; the recurrent state is always float32
     per_layer = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * size
     per_layer += cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4

@@ -16,10 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
 from ..config import ModelConfig, TextConfig
 from ..errors import Qwen35Error
-from .cache import make_cache
+from .cache import KV_BITS
 from .text import DecoderLayer, RMSNorm, TextModel
 
 # Each writer's prefixes → ours, first match wins ("mlx" is mlx-lm and mlx-vlm).
@@ -176,9 +177,17 @@ class Model(nn.Module):
     def make_cache(self, kv_bits: Optional[int] = None) -> list[Any]:
         """One cache per layer: conv + recurrent state for Gated DeltaNet, KV for attention.
 
-        ``kv_bits`` (4 or 8) quantizes the attention KV.
+        ``kv_bits`` (4 or 8) quantizes the attention KV (the recurrent state stays float32).
         """
-        return make_cache(self.layers, kv_bits)
+        if kv_bits is not None and kv_bits not in KV_BITS:
+            raise Qwen35Error(f"kv_bits: {kv_bits} is not one of {KV_BITS}")
+        attention = lambda: KVCache() if kv_bits is None else QuantizedKVCache(group_size=self.kv_group_size, bits=kv_bits)
+        return [ArraysCache(size=2) if layer.is_linear else attention() for layer in self.layers]
+
+    @property
+    def kv_group_size(self) -> int:
+        """Elements per scale and bias of a quantized KV cache."""
+        return 64 if self.config.text.head_dim % 64 == 0 else 32
 
     def __call__(
         self,
