@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.text import Text
 
 from .errors import Qwen35Error
-from .processor import load_image, load_video
+from .processor import load_image
+from .video import load_video
 
 # The longest token of the Qwen3.5 vocabulary, in bytes: text longer than this × the context cannot fit it.
 MAX_TOKEN_BYTES = 128
