@@ -287,14 +287,10 @@ def parse_config(d: dict, source: str = "config.json") -> ModelConfig:
         else:
             text = _parse_text(d, "")
             vision = None
+        # the vision token ids, defaulting to the released checkpoints' (ModelConfig's defaults)
         ids = {
-            k: _typed(d.get(k, default), int, k)
-            for k, default in (
-                ("image_token_id", 248056),
-                ("video_token_id", 248057),
-                ("vision_start_token_id", 248053),
-                ("vision_end_token_id", 248054),
-            )
+            k: _typed(d.get(k, getattr(ModelConfig, k)), int, k)
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         }
         quant = d.get("quantization")
         if quant is not None and not isinstance(quant, dict):
