@@ -189,22 +189,16 @@ class Model(nn.Module):
         """Elements per scale and bias of a quantized KV cache."""
         return 64 if self.config.text.head_dim % 64 == 0 else 32
 
-    def __call__(
-        self,
-        inputs: Optional[mx.array],
-        cache: Optional[list[Any]] = None,
-        input_embeddings: Optional[mx.array] = None,
-        positions: Optional[mx.array] = None,
-        rope_delta: int = 0,
-    ) -> mx.array:
-        """Logits [B, T, vocab] for token ids [B, T] (or embeddings [B, T, hidden]).
+    def __call__(self, inputs: Optional[mx.array], cache: Optional[list[Any]] = None, **kw) -> mx.array:
+        """Logits [B, T, vocab] for token ids [B, T] (or ``input_embeddings`` [B, T, hidden]).
 
-        ``positions`` [3, B, T] are explicit mRoPE positions (prompts with images);
-        without them token i sits at ``cache offset + rope_delta + i`` on every
-        axis, which is how decoding continues after an image.
+        The keywords are ``TextModel.hidden_states``'s: ``positions`` [3, B, T]
+        are explicit mRoPE positions (prompts with images); without them token
+        i sits at ``cache offset + rope_delta + i`` on every axis, which is how
+        decoding continues after an image.
         """
         lm = self.language_model
-        return lm.logits(lm.hidden_states(inputs, cache, input_embeddings, positions, rope_delta))
+        return lm.logits(lm.hidden_states(inputs, cache, **kw))
 
     def encode_vision(self, pixel_values, grid_thw) -> mx.array:
         """Vision features [Σ t·h·w / 4, hidden] for processor patches and their grids."""
