@@ -58,7 +58,7 @@ def quantized_bytes(model, decide) -> tuple[int, int]:
             gs = d["group_size"] if isinstance(d, dict) else 64
             nbytes += w.size * bits // 8 + 2 * (w.size // gs) * 2  # packed + bf16 scales and biases
         else:
-            nbytes += w.size * (4 if name.endswith(("A_log", "norm.weight")) else 2)
+            nbytes += w.size * (4 if Model.keeps_float32(name) else 2)
     return nbytes, params
 
 
