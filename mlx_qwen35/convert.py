@@ -1,9 +1,11 @@
 """Hugging Face checkpoint → MLX safetensors, at a chosen precision.
 
-The output folder holds sharded safetensors with an index, a ``config.json``
-carrying the quantization settings, and the checkpoint's tokenizer, chat
-template and preprocessor files. The vision tower and MTP head are kept, so
-later features need no re-conversion. The folder appears only when complete:
+The checkpoint is read, mapped and checked by the loader's own pipeline
+(``Checkpoint.build``); this module only writes. The output folder holds
+sharded safetensors with an index, a ``config.json`` carrying the
+quantization settings, and the checkpoint's tokenizer, chat template and
+preprocessor files. The vision tower and MTP head are kept, so later
+features need no re-conversion. The folder appears only when complete:
 everything is written to a temporary sibling folder, then renamed. That
 folder is removed if the conversion fails or is stopped (Ctrl-C, SIGTERM,
 SIGHUP); one left by a killed process is removed by the next conversion to

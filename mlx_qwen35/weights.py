@@ -49,6 +49,7 @@ class Checkpoint:
 
     @property
     def quant_bits(self) -> Optional[int]:
+        """The bits of its quantized layers (the config's default); None when it is not quantized."""
         quant = self.config.quantization
         return None if not quant else quant.get("bits", 4)
 
