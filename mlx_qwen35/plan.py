@@ -20,14 +20,16 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from .convert import DTYPES
 from .errors import Qwen35Error
-from .loading import resolve
+from .loading import load_model, resolve
+from .quant import QuantSpec, quantize
 from .weights import Checkpoint
 
 DEFAULT_MODEL = "Qwen/Qwen3.5-2B"
 PRECISIONS = ("auto", "float32", "bfloat16", "4bit", "8bit")
 CPU_NOTE = "CPU backend: running in float32, the fastest here (float32 matmuls use BLAS; bf16 and quantized ones do not)"
-DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def cache_root() -> Path:
@@ -97,7 +99,6 @@ def _cache_tags(precision: str) -> tuple[str, ...]:
 
 def _convert_once(name: str, source: Path, precision: str, ckpt: Checkpoint, say, progress) -> Path:
     from .convert import convert
-    from .quant import QuantSpec
 
     if precision in ("4bit", "8bit"):
         dtype, spec, tag = "bfloat16", QuantSpec(bits=int(precision[0])), precision
@@ -130,9 +131,6 @@ def _plan_folder(folder: Path, ckpt: Checkpoint, requested: str, precision: str,
 
 def build(p: Plan, *, lazy: bool = False):
     """The model of a :class:`Plan`; ``lazy`` reads no weights (shapes and dtypes only)."""
-    from .loading import load_model
-    from .quant import QuantSpec, quantize
-
     model = load_model(p.folder, dtype=p.dtype, lazy=True)
     if p.quantize_bits is not None:
         quantize(model, QuantSpec(bits=p.quantize_bits))
