@@ -28,9 +28,10 @@ from .errors import Qwen35Error
 
 if TYPE_CHECKING:
     from .chat import Chat
-    from .convert import QuantSpec, convert
+    from .convert import convert
     from .generate import PRESETS, Generation, GenerationResult, Piece, Sampling, generate, stream_generate
     from .loading import load
+    from .quant import QuantSpec
 
 _LAZY = {
     "load": "loading",
@@ -43,7 +44,7 @@ _LAZY = {
     "Piece": "generate",
     "Chat": "chat",
     "convert": "convert",
-    "QuantSpec": "convert",
+    "QuantSpec": "quant",
 }
 
 __all__ = ["Qwen35Error", *_LAZY]

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.text import Text
 
 from .errors import Qwen35Error
-from .processor import load_image, load_video
+from .processor import load_image
+from .video import load_video
 
 # The longest token of the Qwen3.5 vocabulary, in bytes: text longer than this × the context cannot fit it.
 MAX_TOKEN_BYTES = 128
@@ -155,7 +156,7 @@ class Repl:
     """An interactive conversation around a :class:`~mlx_qwen35.chat.Chat`."""
 
     def __init__(self, chat, *, console: Console, read: Callable[[str], str], recovery: Optional[Path] = None):
-        from .models import cache_root
+        from .plan import cache_root
 
         self.chat = chat
         self.out = console

@@ -9,30 +9,12 @@ snapshotted.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
-
-from ..errors import Qwen35Error
+from mlx_lm.models.cache import ArraysCache
 
 KV_BITS = (4, 8)
-
-
-def make_cache(layers, kv_bits: Optional[int] = None) -> list[Any]:
-    """One cache per layer; ``kv_bits`` quantizes attention KV (the recurrent state stays float32)."""
-    if kv_bits is not None and kv_bits not in KV_BITS:
-        raise Qwen35Error(f"kv_bits: {kv_bits} is not one of {KV_BITS}")
-    out = []
-    for layer in layers:
-        if layer.is_linear:
-            out.append(ArraysCache(size=2))
-        elif kv_bits is None:
-            out.append(KVCache())
-        else:
-            hd = layer.self_attn.head_dim
-            out.append(QuantizedKVCache(group_size=64 if hd % 64 == 0 else 32, bits=kv_bits))
-    return out
 
 
 def offset(cache: list[Any]) -> int:
