@@ -2,7 +2,7 @@
 
 On Linux the figures mean little on MLX's bundled reference BLAS, so
 :func:`use_fast_blas` re-runs the benchmark with the environment that
-``mlx_qwen35.backend.blas_env`` asks for (OpenBLAS preloaded, a core type it
+``mlx_qwen35.ops.blas.blas_env`` asks for (OpenBLAS preloaded, a core type it
 recognises) when that library is installed.
 """
 
@@ -16,7 +16,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from mlx_qwen35.backend import blas_env, openblas_core, sgemm_provider
+from mlx_qwen35.ops.blas import blas_env, openblas_core, sgemm_provider
 
 _HOPS = "_MLX_QWEN35_BENCH_BLAS_HOPS"
 

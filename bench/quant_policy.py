@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from mlx_qwen35.convert import QuantSpec, layer_quantization  # noqa: E402
 from mlx_qwen35.config import parse_config  # noqa: E402
 from mlx_qwen35.model import Model  # noqa: E402
+from mlx_qwen35.quant import QuantSpec  # noqa: E402
 from shapes import QWEN3_5_2B  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def quantized_bytes(model, decide) -> tuple[int, int]:
             gs = d["group_size"] if isinstance(d, dict) else 64
             nbytes += w.size * bits // 8 + 2 * (w.size // gs) * 2  # packed + bf16 scales and biases
         else:
-            nbytes += w.size * (4 if name.endswith(("A_log", "norm.weight")) else 2)
+            nbytes += w.size * (4 if Model.keeps_float32(name) else 2)
     return nbytes, params
 
 
@@ -68,7 +68,7 @@ def sizes():
     print("[size] Qwen3.5-2B language model (tied embedding counted once)")
     for name, decide in (
         ("uniform 4-bit (mlx-lm)", lambda p, m: {"bits": 4, "group_size": 64}),
-        ("our policy", lambda p, m: layer_quantization(p, m, spec)),
+        ("our policy", lambda p, m: Model.quant_predicate(p, m, spec)),
     ):
         b, n = quantized_bytes(model, decide)
         print(f"  {name:<24} {b / 2**30:6.3f} GiB  {8 * b / n:5.2f} bits/weight")
@@ -90,17 +90,17 @@ def errors():
 
     def undo(pattern):
         def decide(path, m):
-            d = layer_quantization(path, m, spec)
+            d = Model.quant_predicate(path, m, spec)
             return spec.settings() if pattern in path and isinstance(m, (nn.Linear, nn.Embedding)) else d
         return decide
 
     variants = {
         "uniform 4-bit (mlx-lm)": lambda p, m: uniform(p, m) and m.weight.shape[-1] % 64 == 0,
-        "our policy": lambda p, m: layer_quantization(p, m, spec),
+        "our policy": lambda p, m: Model.quant_predicate(p, m, spec),
         "  … with out_proj 4-bit": undo("linear_attn.out_proj"),
         "  … with attention 4-bit": undo("self_attn."),
         "  … with embedding 4-bit": undo("embed_tokens"),
-        "  … with in_proj_a/b 4-bit": lambda p, m: layer_quantization(p, m, spec)
+        "  … with in_proj_a/b 4-bit": lambda p, m: Model.quant_predicate(p, m, spec)
         or (p.endswith(("in_proj_a", "in_proj_b")) and m.weight.shape[-1] % 64 == 0 and spec.settings()),
     }
     print("\n[error] relative logit error against float32, 8-layer random model (hf init)")

@@ -1,7 +1,7 @@
 """Gated delta recurrence at the 2B shape: ours against mlx-lm and MLX, from one run.
 
     python bench/recurrence.py          # tokens/s at T = 1, 128, 512, 2048, 8192
-    python bench/recurrence.py --tune   # the sweep behind gated_delta.chunk_size
+    python bench/recurrence.py --tune   # the sweep behind ops.recurrence.chunk_size
 
 One Gated DeltaNet layer's recurrence: B = 1, 16 heads, Dk = Dv = 128,
 float32 inputs like the model's (unit keys, scaled unit queries, decays in
@@ -25,7 +25,8 @@ from common import race, use_fast_blas  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.gated_delta import gated_delta_ops  # noqa: E402
 
-import mlx_qwen35.gated_delta as gd  # noqa: E402
+import mlx_qwen35.ops.recurrence as gd  # noqa: E402
+from mlx_qwen35.ops import dispatch  # noqa: E402
 
 B, H, D = 1, 16, 128
 
@@ -45,8 +46,8 @@ def inputs(T: int, seed: int = 0):
 
 CANDIDATES = {
     "reference": lambda *a: gd.reference(*a),
-    "chunked": lambda *a: gd.gated_delta_update(*a, method="chunked"),
-    "auto": lambda *a: gd.gated_delta_update(*a),
+    "chunked": lambda *a: dispatch.gated_delta_update(*a, method="chunked"),
+    "auto": lambda *a: dispatch.gated_delta_update(*a),
     "mlx-lm": lambda *a: gated_delta_ops(*a),
     "mx.fast": lambda *a: mx.fast.gated_delta_update(*a),
 }
@@ -65,7 +66,7 @@ def table(Ts: list[int]) -> None:
             warmups={name: (lambda fn=fn: fn(*warm)) for name, fn in CANDIDATES.items()},
         )
         tps = {name: T / t for name, t in best.items()}
-        row = f"{T:>6} {gd.choose_method(T, H, H, D, D):>10}" + "".join(f"{tps[name]:>11.0f}" for name in CANDIDATES)
+        row = f"{T:>6} {dispatch.choose_method(T, H, H, D, D):>10}" + "".join(f"{tps[name]:>11.0f}" for name in CANDIDATES)
         print(row + f"{tps['auto'] / tps['mlx-lm']:>12.1f}x{tps['auto'] / tps['mx.fast']:>13.1f}x", flush=True)
 
 

@@ -28,10 +28,11 @@ from .errors import Qwen35Error
 
 if TYPE_CHECKING:
     from .chat import Chat
-    from .convert import QuantSpec, convert
+    from .convert import convert
     from .engine import Generation, GenerationResult
     from .generate import generate, stream_generate
     from .loading import load
+    from .quant import QuantSpec
     from .sampling import PRESETS, Sampling
     from .stream import Piece
 
@@ -46,7 +47,7 @@ _LAZY = {
     "Piece": "stream",
     "Chat": "chat",
     "convert": "convert",
-    "QuantSpec": "convert",
+    "QuantSpec": "quant",
 }
 
 __all__ = ["Qwen35Error", *_LAZY]

@@ -138,11 +138,11 @@ def check_model(model: Optional[str], name: str = "--model") -> None:
 
 def plan_model(model: Optional[str], precision: Precision):
     """Resolve and convert if needed (no weights loaded); notes and hints on stderr."""
-    from .models import plan
+    from .plan import plan
 
     check_model(model)
     if sys.platform.startswith("linux"):
-        from .backend import blas_hint
+        from .ops.blas import blas_hint
 
         hint = blas_hint()
         if hint:
@@ -155,7 +155,7 @@ def plan_model(model: Optional[str], precision: Precision):
 
 
 def load_planned(p, chat_template: Optional[Path]):
-    from .models import load_plan
+    from .plan import load_plan
 
     with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
         return run_or_fail(load_plan, p, chat_template)
@@ -200,7 +200,7 @@ def chat(
     (/think, /budget, /system); /save and /load keep a conversation with its
     cache. Ctrl-C stops an answer, Ctrl-D leaves.
     """
-    from .models import cache_root
+    from .plan import cache_root
     from .repl import Repl, plain_reader, terminal_reader
 
     settings = run_or_fail(settings_from, shared)
@@ -324,7 +324,8 @@ def info(
     shapes and dtypes, at the precision chat and generate would use.
     """
     from .model.cache import KV_BITS as ALLOWED_KV_BITS
-    from .models import DEFAULT_MODEL, DTYPE_NAMES, available_memory, build, footprint, plan
+    from .memory import available_memory, footprint
+    from .plan import DEFAULT_MODEL, DTYPE_NAMES, build, plan
 
     check_model(model, "MODEL")
     p = run_or_fail(plan, model, precision.value, convert=False)

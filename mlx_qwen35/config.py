@@ -115,6 +115,8 @@ class ModelConfig:
     # mlx-lm style: {"group_size", "bits", "mode", "<module path>": False | {...}}
     quantization: Optional[dict] = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    # the checkpoint folder it was read from, whose processor configs images are preprocessed by
+    folder: Optional[Path] = field(default=None, compare=False, repr=False)
 
 
 def _parse_text(d: dict, where: str) -> TextConfig:
@@ -285,14 +287,10 @@ def parse_config(d: dict, source: str = "config.json") -> ModelConfig:
         else:
             text = _parse_text(d, "")
             vision = None
+        # the vision token ids, defaulting to the released checkpoints' (ModelConfig's defaults)
         ids = {
-            k: _typed(d.get(k, default), int, k)
-            for k, default in (
-                ("image_token_id", 248056),
-                ("video_token_id", 248057),
-                ("vision_start_token_id", 248053),
-                ("vision_end_token_id", 248054),
-            )
+            k: _typed(d.get(k, getattr(ModelConfig, k)), int, k)
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         }
         quant = d.get("quantization")
         if quant is not None and not isinstance(quant, dict):
@@ -320,4 +318,4 @@ def load_config(folder: Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise Qwen35Error(f"{path}: not found (a Qwen3.5 checkpoint folder has a config.json)")
-    return parse_config(read_json_object(path), str(path))
+    return replace(parse_config(read_json_object(path), str(path)), folder=Path(folder))

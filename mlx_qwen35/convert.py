@@ -1,9 +1,11 @@
 """Hugging Face checkpoint → MLX safetensors, at a chosen precision.
 
-The output folder holds sharded safetensors with an index, a ``config.json``
-carrying the quantization settings, and the checkpoint's tokenizer, chat
-template and preprocessor files. The vision tower and MTP head are kept, so
-later features need no re-conversion. The folder appears only when complete:
+The checkpoint is read, mapped and checked by the loader's own pipeline
+(``Checkpoint.build``); this module only writes. The output folder holds
+sharded safetensors with an index, a ``config.json`` carrying the
+quantization settings, and the checkpoint's tokenizer, chat template and
+preprocessor files. The vision tower and MTP head are kept, so later
+features need no re-conversion. The folder appears only when complete:
 everything is written to a temporary sibling folder, then renamed. That
 folder is removed if the conversion fails or is stopped (Ctrl-C, SIGTERM,
 SIGHUP); one left by a killed process is removed by the next conversion to
@@ -25,25 +27,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import precision
-from .config import load_config
 from .errors import Qwen35Error
 from .loading import resolve
-from .model import Model
-from .precision import FLOAT_MODES, Q_MODES
-from .weights import (
-    FORMAT_KEY,
-    FORMAT_VERSION,
-    cast,
-    detect_format,
-    drop_unused,
-    load_into,
-    read_checkpoint,
-    to_ours,
-)
+from .quant import QuantSpec, quantize
+from .weights import FORMAT_KEY, FORMAT_VERSION, Checkpoint
 
 DTYPES = {name: getattr(mx, name) for name in precision.DTYPES}
 
@@ -63,83 +53,6 @@ SIDE_FILES = (
 )
 
 SHARD_BYTES = 4 << 30
-
-# The per-tensor precision policy of a quantized conversion; first match wins.
-# "keep" leaves the layer at --dtype; a number is the fewest bits it gets.
-# Not listed because they are never quantizable: conv1d, A_log, dt_bias and
-# every norm stay at --dtype (A_log and the text norms in float32).
-# Why each rule, with the measurement behind it: README "Quantization policy".
-QUANT_POLICY: tuple[tuple[str, Union[str, int]], ...] = (
-    # [Hv, hidden]: negligible size, and they set every step's decay and beta
-    (r"\.in_proj_[ab]$", "keep"),
-    # The vision tower stays at --dtype unless --quantize-vision
-    (r"^visual\.", "vision"),
-    # GDN output projection: sensitive on these hybrids, 4 % of the weights
-    (r"\.linear_attn\.out_proj$", 8),
-    # The 6 full-attention layers' projections: sensitive, 5 % of the weights
-    (r"\.self_attn\.[qkvo]_proj$", 8),
-    # Tied embedding = output head: a quarter of the bytes read per token at 4 bits
-    (r"(^|\.)(embed_tokens|lm_head)$", 6),
-    (r"", "default"),
-)
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int = 4
-    group_size: int = 64
-    mode: str = "affine"
-    vision: bool = False
-
-    def __post_init__(self):
-        if self.mode not in Q_MODES:
-            raise Qwen35Error(f"--q-mode: {self.mode!r} is not one of {Q_MODES}")
-        if self.mode == "affine":
-            if self.bits not in (2, 3, 4, 5, 6, 8):
-                raise Qwen35Error(f"--q-bits: {self.bits} is not one of 2, 3, 4, 5, 6, 8")
-            if self.group_size not in (32, 64, 128):
-                raise Qwen35Error(f"--q-group-size: {self.group_size} is not one of 32, 64, 128")
-
-    def settings(self, bits: Optional[int] = None) -> dict:
-        """to_quantized() arguments for the default rule, or for at least ``bits``."""
-        if self.mode in FLOAT_MODES:
-            mode = self.mode if bits is None or bits <= FLOAT_MODES[self.mode][0] else "mxfp8"
-            b, gs = FLOAT_MODES[mode]
-            return {"group_size": gs, "bits": b, "mode": mode}
-        b = self.bits if bits is None else max(bits, self.bits)
-        return {"group_size": self.group_size, "bits": b, "mode": "affine"}
-
-
-def layer_quantization(path: str, module: nn.Module, spec: QuantSpec) -> Union[bool, dict]:
-    """The policy decision for one layer: False, or its to_quantized() settings."""
-    if not isinstance(module, (nn.Linear, nn.Embedding)):
-        return False
-    for pattern, rule in QUANT_POLICY:
-        if re.search(pattern, path):
-            break
-    if rule == "keep" or (rule == "vision" and not spec.vision):
-        return False
-    settings = spec.settings(rule if isinstance(rule, int) else None)
-    if module.weight.shape[-1] % settings["group_size"]:
-        return False  # cannot be grouped; stays at --dtype
-    return settings
-
-
-def quantize(model: Model, spec: QuantSpec) -> dict:
-    """Quantize ``model`` in place; returns the ``quantization`` config entry."""
-    decisions = {}
-
-    def predicate(path, module):
-        decisions[path] = layer_quantization(path, module, spec)
-        return decisions[path]
-
-    nn.quantize(model, class_predicate=predicate)
-    default = spec.settings()
-    entry = dict(default)
-    for path, d in decisions.items():
-        if d and d != default:
-            entry[path] = d
-    return entry
 
 
 def _side_files(src: Path, dst: Path) -> None:
@@ -277,24 +190,16 @@ def convert(
                 "--force replaces only those or an empty folder: choose another --mlx-path"
             )
     _remove_stale(out)
-    config = load_config(src)
-    ckpt = read_checkpoint(src)
-    fmt = detect_format(config.raw, ckpt.tensors)
-    if fmt != "hf":
+    ckpt = Checkpoint.open(src)
+    if ckpt.format != "hf":
         raise Qwen35Error(
-            f"{src}: already an MLX conversion ({'ours' if fmt == 'ours' else 'mlx-lm/mlx-vlm'}); "
+            f"{src}: already an MLX conversion ({'ours' if ckpt.format == 'ours' else 'mlx-lm/mlx-vlm'}); "
             "convert from the original Hugging Face checkpoint"
         )
-    ckpt = to_ours(ckpt, fmt)
-    model = Model(
-        config,
-        vision=any(k.startswith("visual.") for k in ckpt.tensors),
-        mtp=any(k.startswith("mtp.") for k in ckpt.tensors),
-    )
-    load_into(model, drop_unused(ckpt, model), src)
+    model = ckpt.build()
     params = {k: w.size for k, w in tree_flatten(model.parameters())}
-    cast(model, DTYPES[dtype])
-    raw = {k: v for k, v in config.raw.items() if k not in ("quantization", "quantization_config")}
+    model.cast(DTYPES[dtype])
+    raw = {k: v for k, v in ckpt.config.raw.items() if k not in ("quantization", "quantization_config")}
     raw[FORMAT_KEY] = {"format_version": FORMAT_VERSION, "dtype": dtype}
     if quantize_spec is not None:
         q = quantize(model, quantize_spec)

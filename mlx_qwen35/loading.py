@@ -10,19 +10,11 @@ from typing import Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig
 from .errors import Qwen35Error
 from .model import Model
-from .weights import (
-    apply_quantization,
-    cast,
-    detect_format,
-    drop_unused,
-    keeps_float32,
-    load_into,
-    read_checkpoint,
-    to_ours,
-)
+from .ops import prepare
+from .weights import Checkpoint
 
 # What a checkpoint needs besides its weights; nothing executable.
 CHECKPOINT_FILES = [
@@ -75,20 +67,10 @@ def load_model(
     that evaluation: nothing is read, yet every array's shape and dtype (so
     the bytes it will take) are known.
     """
-    folder = resolve(path_or_id)
-    config = load_config(folder)
-    ckpt = read_checkpoint(folder)
-    fmt = detect_format(config.raw, ckpt.tensors)
-    ckpt = to_ours(ckpt, fmt)
-    has_vision = any(k.startswith("visual.") for k in ckpt.tensors)
-    has_mtp = any(k.startswith("mtp.") for k in ckpt.tensors)
-    model = Model(config, vision=vision and has_vision, mtp=mtp and has_mtp)
-    if config.quantization:
-        apply_quantization(model, config.quantization, ckpt.tensors)
-    load_into(model, drop_unused(ckpt, model), folder)
-    model.source = folder  # where the preprocessor settings for images live
+    model = Checkpoint.open(resolve(path_or_id)).build(vision=vision, mtp=mtp)
     if dtype is not None:
-        cast(model, dtype)
+        model.cast(dtype)
+    prepare(model.language_model)  # float32-BLAS projections where the CPU paths apply
     model.language_model.dtype = run_dtype(model)
     if not lazy:
         mx.eval(model.language_model.parameters())
@@ -100,7 +82,7 @@ def run_dtype(model: Model) -> mx.Dtype:
     floats = [
         w.dtype
         for name, w in tree_flatten(model.language_model.parameters())
-        if mx.issubdtype(w.dtype, mx.floating) and not keeps_float32(name) and not name.endswith((".scales", ".biases"))
+        if mx.issubdtype(w.dtype, mx.floating) and not model.keeps_float32(name) and not name.endswith((".scales", ".biases"))
     ]
     return Counter(floats).most_common(1)[0][0] if floats else mx.float32
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from .errors import Qwen35Error
 from .model.positions import mrope_positions
-from .processor import IMAGE_SETTINGS, VIDEO_SETTINGS, expand_vision_tokens, load_settings, process_images, process_video
+from .processor import IMAGE_SETTINGS, VIDEO_SETTINGS, expand_vision_tokens, load_settings, process_images
+from .video import process_video
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Media:
 
 
 def load_media(model, images: Sequence = (), videos: Sequence = ()) -> list[Media]:
-    """Read and preprocess images (paths or PIL images) and videos (see ``processor.load_video``).
+    """Read and preprocess images (paths or PIL images) and videos (see ``video.load_video``).
 
     All files are checked before anything is encoded, so bad input fails early.
     """
@@ -47,8 +48,8 @@ def load_media(model, images: Sequence = (), videos: Sequence = ()) -> list[Medi
         return []
     if not hasattr(model, "visual"):
         raise Qwen35Error("images: this model has no vision tower (a text-only checkpoint)")
-    source = getattr(model, "source", None)
-    image_settings, video_settings = load_settings(source) if source else (IMAGE_SETTINGS, VIDEO_SETTINGS)
+    folder = model.config.folder
+    image_settings, video_settings = load_settings(folder) if folder else (IMAGE_SETTINGS, VIDEO_SETTINGS)
     v = model.config.vision
     tower = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
     for name, s in (("preprocessor_config.json", image_settings), ("video_preprocessor_config.json", video_settings)):

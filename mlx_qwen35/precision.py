@@ -1,8 +1,8 @@
 """The precisions weights are written and run at, by name.
 
 Plain data with no MLX import, so that the command line lists them in its
-``--help`` at once; :mod:`mlx_qwen35.convert` and :mod:`mlx_qwen35.models`
-give them their meaning.
+``--help`` at once; :mod:`mlx_qwen35.convert`, :mod:`mlx_qwen35.quant` and
+:mod:`mlx_qwen35.plan` give them their meaning.
 """
 
 DTYPES = ("float32", "float16", "bfloat16")  # the floating types a checkpoint is written in

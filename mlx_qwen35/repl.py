@@ -19,7 +19,8 @@ from rich.text import Text
 
 from .documents import document_message
 from .errors import Qwen35Error
-from .processor import load_image, load_video
+from .processor import load_image
+from .video import load_video
 
 PROMPT = "› "
 MORE = "… "
@@ -108,7 +109,7 @@ class Repl:
     """An interactive conversation around a :class:`~mlx_qwen35.chat.Chat`."""
 
     def __init__(self, chat, *, console: Console, read: Callable[[str], str], recovery: Optional[Path] = None):
-        from .models import cache_root
+        from .plan import cache_root
 
         self.chat = chat
         self.out = console

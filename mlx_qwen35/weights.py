@@ -1,65 +1,76 @@
-"""Checkpoint tensors: reading safetensors safely and naming them our way.
+"""A checkpoint folder: its safetensors read safely, its writer recognised, its tensors checked into a model.
 
 Four layouts reach us: raw Hugging Face checkpoints, folders written by
-mlx-lm or mlx-vlm (the ``mlx-community/Qwen3.5-*`` repos), and our own. All
-are mapped to one naming (``language_model.*``, ``visual.*``, ``mtp.*``) and
-one set of layouts before they meet the model.
+mlx-lm or mlx-vlm (the ``mlx-community/Qwen3.5-*`` repos), and our own.
+:meth:`Checkpoint.build` is the one load pipeline: ``Model.sanitize`` maps
+each to our names and layouts, and the tensors are checked against the
+model before they are assigned.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
 
+from .config import ModelConfig, load_config
 from .errors import Qwen35Error
+from .model import Model
+from .quant import apply_quantization
 
 FORMAT_KEY = "mlx_qwen35"  # marks config.json files we wrote
 FORMAT_VERSION = 1
 
-# Zero-centred RMSNorms (x̂·(1+w)) whose HF weight gets the +1 folded in.
-# linear_attn.norm and the vision LayerNorms are plain and keep their weight.
-_SHIFTED_NORMS = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "q_norm.weight",
-    "k_norm.weight",
-    "pre_fc_norm_embedding.weight",
-    "pre_fc_norm_hidden.weight",
-)
-
-
-def is_shifted_norm(name: str) -> bool:
-    return name.endswith(_SHIFTED_NORMS) or name in ("language_model.norm.weight", "mtp.norm.weight")
-
-
-def keeps_float32(name: str) -> bool:
-    """Small tensors whose precision matters more than their size: A_log and text RMSNorm weights."""
-    return name.endswith("A_log") or (not name.startswith("visual.") and name.endswith("norm.weight"))
-
-
-def cast(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast floating parameters to ``dtype``; those of :func:`keeps_float32` to float32."""
-
-    def f(name, w):
-        if not mx.issubdtype(w.dtype, mx.floating):
-            return w
-        return w.astype(mx.float32 if keeps_float32(name) else dtype)
-
-    model.update(tree_map_with_path(f, model.parameters()))
-
 
 @dataclass
 class Checkpoint:
-    """A folder's tensors (lazy, not yet read) with the file each came from."""
+    """A checkpoint folder opened: its config, the writer of its tensors, and the tensors (lazy, not yet read)."""
 
-    tensors: dict[str, mx.array]
-    files: dict[str, str]
+    folder: Path
+    config: ModelConfig
+    format: str  # "hf", "ours" or "mlx" (mlx-lm and mlx-vlm)
+    tensors: dict[str, mx.array]  # as stored
+    files: dict[str, str]  # tensor name → the file that holds it
+
+    @classmethod
+    def open(cls, folder: Path) -> "Checkpoint":
+        """Parse the config and map every tensor of the folder's safetensors files (headers checked, no data read)."""
+        folder = Path(folder)
+        config = load_config(folder)
+        tensors, files = _read_tensors(folder)
+        return cls(folder, config, detect_format(config.raw, tensors), tensors, files)
+
+    @property
+    def quant_bits(self) -> Optional[int]:
+        """The bits of its quantized layers (the config's default); None when it is not quantized."""
+        quant = self.config.quantization
+        return None if not quant else quant.get("bits", 4)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The commonest dtype of its floating tensors."""
+        floats = Counter(w.dtype for w in self.tensors.values() if mx.issubdtype(w.dtype, mx.floating))
+        return floats.most_common(1)[0][0] if floats else mx.float32
+
+    def build(self, *, vision: bool = True, mtp: bool = True) -> Model:
+        """The model with these weights assigned (still lazy); ``vision`` and ``mtp`` build those parts if present."""
+        tensors, files = {}, {}
+        for name, w in self.tensors.items():
+            new, tensors[new] = Model.sanitize(name, w, self.format)
+            files[new] = self.files[name]
+        has = lambda prefix: any(k.startswith(prefix) for k in tensors)
+        model = Model(self.config, vision=vision and has("visual."), mtp=mtp and has("mtp."))
+        if self.config.quantization:
+            apply_quantization(model, self.config.quantization, tensors)
+        _load_into(model, model.held(tensors), files, self.folder)
+        return model
 
 
 def check_safetensors(path: Path) -> list[str]:
@@ -97,9 +108,8 @@ def check_safetensors(path: Path) -> list[str]:
     return names
 
 
-def read_checkpoint(folder: Path) -> Checkpoint:
-    """Map every tensor of the folder's safetensors files, lazily."""
-    folder = Path(folder)
+def _read_tensors(folder: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Map every tensor of the folder's safetensors files, lazily; and the file each is in."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -124,7 +134,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         for k, v in loaded.items():
             tensors[k] = v
             where[k] = f.name
-    return Checkpoint(tensors, where)
+    return tensors, where
 
 
 def detect_format(config_raw: dict, names) -> str:
@@ -148,97 +158,9 @@ def detect_format(config_raw: dict, names) -> str:
     )
 
 
-def _rename(name: str, fmt: str) -> str:
-    if fmt == "hf":
-        for old, new in (
-            ("model.language_model.", "language_model."),
-            ("model.visual.", "visual."),
-            ("model.", "language_model."),  # flat qwen3_5_text checkpoints
-            ("lm_head.", "language_model.lm_head."),
-        ):
-            if name.startswith(old):
-                return new + name[len(old) :]
-    elif fmt == "mlx":
-        for old, new in (
-            ("language_model.model.", "language_model."),
-            ("vision_tower.", "visual."),
-        ):
-            if name.startswith(old):
-                return new + name[len(old) :]
-    return name
-
-
-def to_ours(ckpt: Checkpoint, fmt: str) -> Checkpoint:
-    """Rename to our parameter names and apply the layout changes of ``fmt``.
-
-    From Hugging Face: conv1d [C,1,K] → [C,K,1]; the Conv3d patch embed
-    [O,C,T,P,P] → a Linear [O, C·T·P·P]; zero-centred norms get their +1,
-    added in float32 and kept there. From mlx-vlm: its channels-last patch
-    embed [O,T,P,P,C] → [O, C·T·P·P].
-    """
-    tensors, files = {}, {}
-    for name, w in ckpt.tensors.items():
-        new = _rename(name, fmt)
-        if fmt == "hf":
-            if new.endswith("conv1d.weight") and w.ndim == 3:
-                w = w.moveaxis(2, 1)
-            elif new == "visual.patch_embed.proj.weight" and w.ndim == 5:
-                w = w.reshape(w.shape[0], -1)
-            elif is_shifted_norm(new):
-                w = w.astype(mx.float32) + 1.0
-        elif fmt == "mlx" and new == "visual.patch_embed.proj.weight" and w.ndim == 5:
-            w = w.transpose(0, 4, 1, 2, 3).reshape(w.shape[0], -1)
-        tensors[new] = w
-        files[new] = ckpt.files[name]
-    return Checkpoint(tensors, files)
-
-
-def drop_unused(ckpt: Checkpoint, model: nn.Module) -> Checkpoint:
-    """Leave out what the model does not hold: a tied head, MTP or vision when not built."""
-    own = {k for k, _ in tree_flatten(model.parameters())}
-    prefixes = []
-    if not hasattr(model, "mtp"):
-        prefixes.append("mtp.")
-    if not hasattr(model, "visual"):
-        prefixes.append("visual.")
-    if model.config.text.tie_word_embeddings:
-        prefixes.append("language_model.lm_head.")
-    keep = {
-        k: v
-        for k, v in ckpt.tensors.items()
-        if k in own or not k.startswith(tuple(prefixes))
-    }
-    return Checkpoint(keep, {k: ckpt.files[k] for k in keep})
-
-
-def apply_quantization(model: nn.Module, quant: dict, names) -> None:
-    """Swap in quantized layers where the checkpoint holds ``.scales`` for them.
-
-    ``quant`` is mlx-lm's config entry: defaults plus per-layer overrides
-    (a dict of settings, or False for a layer left unquantized).
-    """
-    names = set(names)
-    defaults = {
-        "group_size": quant.get("group_size", 64),
-        "bits": quant.get("bits", 4),
-        "mode": quant.get("mode", "affine"),
-    }
-
-    def predicate(path, module):
-        if f"{path}.scales" not in names:
-            return False
-        override = quant.get(path)
-        if override is False:
-            return False
-        return {**defaults, **override} if isinstance(override, dict) else dict(defaults)
-
-    nn.quantize(model, class_predicate=predicate)
-
-
-def load_into(model: nn.Module, ckpt: Checkpoint, folder: Path) -> None:
+def _load_into(model: nn.Module, got: dict[str, mx.array], files: dict[str, str], folder: Path) -> None:
     """Check names and shapes against the model, then assign (still lazily)."""
     expected = dict(tree_flatten(model.parameters()))
-    got = ckpt.tensors
     missing = sorted(set(expected) - set(got))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -247,11 +169,11 @@ def load_into(model: nn.Module, ckpt: Checkpoint, folder: Path) -> None:
     if unexpected:
         k = unexpected[0]
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        raise Qwen35Error(f"{folder}/{ckpt.files[k]}: unexpected tensor '{k}'{more} for this config")
+        raise Qwen35Error(f"{folder}/{files[k]}: unexpected tensor '{k}'{more} for this config")
     for k, w in got.items():
         if tuple(w.shape) != tuple(expected[k].shape):
             raise Qwen35Error(
-                f"{folder}/{ckpt.files[k]}: tensor '{k}' has shape {tuple(w.shape)}, "
+                f"{folder}/{files[k]}: tensor '{k}' has shape {tuple(w.shape)}, "
                 f"expected {tuple(expected[k].shape)} from config.json"
             )
     model.load_weights(list(got.items()), strict=True)

@@ -19,12 +19,13 @@ from mlx_lm.models.cache import ArraysCache
 from typer.testing import CliRunner
 
 import mlx_qwen35
-from mlx_qwen35 import models
+from mlx_qwen35 import memory
+from mlx_qwen35 import plan as planning
 from mlx_qwen35.cli import app, main
 from mlx_qwen35.cli_options import Preset
+from mlx_qwen35.documents import MAX_TOKEN_BYTES, document_message
 from mlx_qwen35.engine import prefill
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.documents import MAX_TOKEN_BYTES, document_message
 from mlx_qwen35.sampling import PRESETS
 
 runner = CliRunner()
@@ -48,14 +49,14 @@ def loaded(monkeypatch, chat_model, chat_model_dir):
 
     Loading itself runs end to end in test_console_script_json_from_stdin.
     """
-    real = models.load_plan
+    real = planning.load_plan
 
     def load_plan(plan, chat_template=None):
         if plan.folder == chat_model_dir and plan.dtype == mx.float32 and chat_template is None:
             return chat_model
         return real(plan, chat_template)
 
-    monkeypatch.setattr(models, "load_plan", load_plan)
+    monkeypatch.setattr(planning, "load_plan", load_plan)
     return chat_model
 
 
@@ -145,7 +146,7 @@ def test_generate_bad_values_fail_before_loading(args, message):
 @pytest.fixture
 def never_loaded(monkeypatch):
     """Planning runs (it reads the config); loading the weights fails the test."""
-    monkeypatch.setattr(models, "load_plan", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(planning, "load_plan", lambda *a: pytest.fail("loaded"))
 
 
 def test_bad_stdin_fails_before_loading(never_loaded, chat_model_dir):
@@ -242,7 +243,7 @@ def test_offline_hub_id_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for args in (["--model", "Qwen/Qwen3.5-0.8B"], []):  # an explicit id, and the default model
         line = one_error_line(invoke("generate", *args, "-p", "hi"))
-        repo = args[1] if args else models.DEFAULT_MODEL
+        repo = args[1] if args else planning.DEFAULT_MODEL
         assert line.startswith(f"error: {repo}: could not fetch from the Hugging Face hub (")
     line = one_error_line(invoke("info", "Qwen/Qwen3.5-0.8B"))
     assert "could not fetch" in line
@@ -294,9 +295,9 @@ def test_console_script_json_from_stdin(chat_model_dir, chat_model, tmp_path):
     api = mlx_qwen35.generate(model, tok, "hi", sampling=greedy("instruct"), max_tokens=8)
     assert json.loads(out.stdout)["text"] == api.text
     if mx.metal.is_available():
-        assert models.CPU_NOTE not in out.stderr
+        assert planning.CPU_NOTE not in out.stderr
     else:
-        assert models.CPU_NOTE in out.stderr
+        assert planning.CPU_NOTE in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,40 +330,40 @@ def hub(monkeypatch, tmp_path):
 def test_raw_hub_checkpoint_is_converted_once(hub, chat_model_dir, chat_model, monkeypatch):
     fake_hub(hub, "test/tiny", chat_model_dir)
     said = []
-    p = models.plan("test/tiny", metal=False, say=said.append)  # auto on a CPU
-    cached = models.cache_root() / "test--tiny-float32"  # the source is float32: kept losslessly
+    p = planning.plan("test/tiny", metal=False, say=said.append)  # auto on a CPU
+    cached = planning.cache_root() / "test--tiny-float32"  # the source is float32: kept losslessly
     assert (p.folder, p.precision, p.dtype, p.quantize_bits, p.notes) == (
-        cached, "float32", mx.float32, None, (models.CPU_NOTE,)
+        cached, "float32", mx.float32, None, (planning.CPU_NOTE,)
     )
     assert said == [f"converting test/tiny to float32 into {cached} (once; later runs reuse it)"]
 
     convert_module = importlib.import_module("mlx_qwen35.convert")
     monkeypatch.setattr(convert_module, "convert", lambda *a, **k: pytest.fail("converted again"))
-    again = models.plan("test/tiny", "float32", metal=False, say=said.append)
+    again = planning.plan("test/tiny", "float32", metal=False, say=said.append)
     assert again.folder == cached and len(said) == 1
-    model = models.build(again)
+    model = planning.build(again)
     ids = mx.array([[1, 50, 7000, 248045, 12]])
     assert rel_err(model(ids), chat_model[0](ids)) < 1e-6
 
 
 def test_auto_is_4bit_on_an_apple_gpu(hub, chat_model_dir, monkeypatch):
     fake_hub(hub, "test/tiny", chat_model_dir)
-    p = models.plan("test/tiny", metal=True)
-    assert p.folder == models.cache_root() / "test--tiny-4bit" and p.precision == "4bit"
+    p = planning.plan("test/tiny", metal=True)
+    assert p.folder == planning.cache_root() / "test--tiny-4bit" and p.precision == "4bit"
     config = json.loads((p.folder / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
     assert p.quantize_bits is None and p.dtype is None and p.notes == ()  # stored quantized: runs as is
     # the quantized checkpoint, used as a local folder
-    assert models.plan(str(p.folder), metal=True).precision == "4bit"
-    on_cpu = models.plan(str(p.folder), metal=False)
+    assert planning.plan(str(p.folder), metal=True).precision == "4bit"
+    on_cpu = planning.plan(str(p.folder), metal=False)
     assert on_cpu.dtype == mx.float32 and "is quantized" in on_cpu.notes[-1]
     with pytest.raises(Qwen35Error, match="already quantized to 4 bits"):
-        models.plan(str(p.folder), "8bit", metal=True)
+        planning.plan(str(p.folder), "8bit", metal=True)
     # a raw local folder is quantized in memory
-    local = models.plan(str(chat_model_dir), "8bit", metal=False)
+    local = planning.plan(str(chat_model_dir), "8bit", metal=False)
     assert (local.folder, local.quantize_bits, local.dtype) == (chat_model_dir, 8, None)
     with pytest.raises(Qwen35Error, match="--precision: 'int3' is not one of"):
-        models.plan(str(chat_model_dir), "int3")
+        planning.plan(str(chat_model_dir), "int3")
 
 
 def test_mlx_hub_repo_is_used_as_downloaded(hub, chat_model_dir, tmp_path):
@@ -371,9 +372,9 @@ def test_mlx_hub_repo_is_used_as_downloaded(hub, chat_model_dir, tmp_path):
     convert(chat_model_dir, tmp_path / "ours", dtype="bfloat16")
     snap = fake_hub(hub, "test/ours-bf16", tmp_path / "ours")
     said = []
-    p = models.plan("test/ours-bf16", "bfloat16", metal=False, say=said.append)
+    p = planning.plan("test/ours-bf16", "bfloat16", metal=False, say=said.append)
     assert p.folder == snap and p.dtype == mx.bfloat16 and said == []
-    assert not models.cache_root().exists()
+    assert not planning.cache_root().exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +396,9 @@ def measured(model, kv_bits, n=256) -> tuple[float, int]:
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "4bit"])
 def test_footprint_matches_a_real_cache(chat_model_dir, precision):
-    plan = models.plan(str(chat_model_dir), precision, metal=False)
-    fp = models.footprint(models.build(plan, lazy=True))
-    model = models.build(plan)
+    plan = planning.plan(str(chat_model_dir), precision, metal=False)
+    fp = memory.footprint(planning.build(plan, lazy=True))
+    model = planning.build(plan)
     assert fp.weights["text"] == sum(w.nbytes for _, w in tree_flatten(model.language_model.parameters()))
     assert fp.weights["vision"] == sum(w.nbytes for _, w in tree_flatten(model.visual.parameters()))
     for kv_bits in (None, 8, 4):
@@ -413,8 +414,8 @@ def test_footprint_matches_a_real_cache(chat_model_dir, precision):
 def test_info_command(chat_model_dir):
     r = invoke("info", chat_model_dir)
     assert r.exit_code == 0, r.stderr
-    fp = models.footprint(models.build(models.plan(str(chat_model_dir), metal=mx.metal.is_available()), lazy=True))
-    available, source = models.available_memory()
+    fp = memory.footprint(planning.build(planning.plan(str(chat_model_dir), metal=mx.metal.is_available()), lazy=True))
+    available, source = memory.available_memory()
     assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") or mx.metal.is_available()
     assert f"({source})" in r.stdout
     for bits, label in ((None, "float32"), (8, "--kv-bits 8"), (4, "--kv-bits 4")):

@@ -1,6 +1,6 @@
-"""The text model's CPU numerics (mlx_qwen35.model.cpu) against float64 references.
+"""The text model's CPU numerics (mlx_qwen35.ops.cpu, .linear) against float64 references.
 
-- ``project``: half-precision weights multiplied in float32, quantized ones
+- The projections ``ops.prepare`` swaps in: half-precision weights multiplied in float32, quantized ones
   dequantized in blocks (every affine bit width, every group size): within the
   bfloat16 rounding of the output (4e-3 of the largest entry) of the exact
   product of the activations with the dequantized weights; float32 weights
@@ -20,7 +20,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qwen35.model import cpu
+from mlx_qwen35 import ops
+from mlx_qwen35.loading import load_model
+from mlx_qwen35.ops import cpu, linear
+from mlx_qwen35.ops.dispatch import ENV_PORTABLE
 
 f32 = mx.float32
 
@@ -43,7 +46,7 @@ def test_project_quantized(bits, group_size):
     w = f64(mx.dequantize(q.weight, q.scales.astype(f32), q.biases.astype(f32), group_size=group_size, bits=bits))
     for rows in (1, 5):
         x = mx.random.normal((2, rows, 256)).astype(mx.bfloat16)
-        y = cpu.project(q, x)
+        y = ops.prepare(q)(x)
         assert y.shape == (2, rows, 700) and y.dtype == mx.bfloat16
         ref = exact_product(x, w, q.bias)
         assert np.abs(f64(y) - ref).max() <= 4e-3 * np.abs(ref).max()
@@ -51,20 +54,20 @@ def test_project_quantized(bits, group_size):
 
 def test_project_quantized_head_blocks(monkeypatch):
     """Many row blocks (the output head's case), each after the last."""
-    monkeypatch.setattr(cpu, "BLOCK_ELEMS", 128 * 64)
+    monkeypatch.setattr(linear, "BLOCK_ELEMS", 128 * 64)
     e = nn.QuantizedEmbedding.from_embedding(nn.Embedding(1000, 128), group_size=64, bits=6)
     w = f64(mx.dequantize(e.weight, e.scales, e.biases, group_size=64, bits=6))
     h = mx.random.normal((1, 128))
     ref = f64(h) @ w.T
-    assert np.linalg.norm(f64(cpu.project(e, h)) - ref) / np.linalg.norm(ref) < 1e-6
+    assert np.linalg.norm(f64(ops.prepare(e).as_linear(h)) - ref) / np.linalg.norm(ref) < 1e-6
 
 
-@pytest.mark.parametrize("rows", [1, cpu.HALF_BLAS_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, linear.HALF_BLAS_ROWS + 1])
 def test_project_half_precision(rows):
     lin = nn.Linear(300, 1100, bias=True)
     lin.set_dtype(mx.bfloat16)
     x = mx.random.normal((1, rows, 300)).astype(mx.bfloat16)
-    y = cpu.project(lin, x)
+    y = ops.prepare(lin)(x)
     assert y.shape == (1, rows, 1100) and y.dtype == mx.bfloat16
     ref = exact_product(x, f64(lin.weight), lin.bias)
     assert np.abs(f64(y) - ref).max() <= 4e-3 * np.abs(ref).max()
@@ -73,9 +76,29 @@ def test_project_half_precision(rows):
 def test_project_float32_is_the_layer():
     lin = nn.Linear(64, 48, bias=True)
     x = mx.random.normal((3, 64))
-    assert mx.array_equal(cpu.project(lin, x), lin(x)).item()
+    assert mx.array_equal(ops.prepare(lin)(x), lin(x)).item()
     emb = nn.Embedding(50, 64)
-    assert mx.array_equal(cpu.project(emb, x), emb.as_linear(x)).item()
+    assert mx.array_equal(ops.prepare(emb).as_linear(x), emb.as_linear(x)).item()
+
+
+def projections(module: nn.Module) -> list[type]:
+    kinds = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+    return [type(m) for _, m in module.named_modules() if isinstance(m, kinds)]
+
+
+def test_the_loader_swaps_in_every_projection(hf_bf16, monkeypatch):
+    """Every text Linear and the tied output head, and what a later quantization makes of them;
+    not the vision tower, and nothing in portable mode."""
+    monkeypatch.delenv(ENV_PORTABLE, raising=False)
+    model = load_model(hf_bf16.path, lazy=True)
+    lm = model.language_model
+    assert lm.cfg.tie_word_embeddings and type(lm.embed_tokens) is linear.Embedding
+    assert set(projections(lm)) == {linear.Linear, linear.Embedding}
+    assert set(projections(model.visual)) == {nn.Linear, nn.Embedding}  # the position table
+    nn.quantize(lm, group_size=32, bits=4)  # as an in-memory quantization after loading does
+    assert set(projections(lm)) == {linear.QuantizedLinear, linear.QuantizedEmbedding}
+    monkeypatch.setenv(ENV_PORTABLE, "1")
+    assert set(projections(load_model(hf_bf16.path, lazy=True).language_model)) == {nn.Linear, nn.Embedding}
 
 
 # Every result here is a normal float32; beyond, results are exact limits.

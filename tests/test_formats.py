@@ -16,7 +16,7 @@ from conftest import HFCheckpoint, rel_err
 from mlx_lm.models.cache import ArraysCache
 from typer.testing import CliRunner
 
-from mlx_qwen35 import models
+from mlx_qwen35 import memory
 from mlx_qwen35.cli import app
 from mlx_qwen35.convert import QuantSpec, convert
 from mlx_qwen35.engine import prefill
@@ -87,7 +87,7 @@ def test_float32_mxfp4_folder_runs_in_float32(calm_vl, token_ids, tmp_path, writ
     assert out.dtype == mx.float32
     assert rel_err(np.array(out), logits(theirs, token_ids)) < TOL
     # what `info` plans for it: float32 KV, as a real cache holds
-    fp = models.footprint(load_model(folder, lazy=True))
+    fp = memory.footprint(load_model(folder, lazy=True))
     cache = ours.make_cache()
     prefill(ours, list(range(100, 356)), cache)
     kv = sum(a.nbytes for c in cache if not isinstance(c, ArraysCache) for a in c.state.values())

@@ -5,7 +5,7 @@ for y and for the final state. float32: 1e-5. bfloat16 q/k/v: the reference
 runs on the same bf16 values in float32, so the state (float32 throughout)
 stays within 1e-5 and y within 1e-2, its rounding to bf16 on output.
 
-The Metal kernel is proven here by compiling kernels/gated_delta.metal as C++
+The Metal kernel is proven here by compiling ops/gated_delta.metal as C++
 under tests/metal_shim (32 lanes per SIMD-group run as cooperative threads),
 launched by the same Python code that launches it on Metal; on a Mac the same
 cases also run the real kernel through MLX. ``reference`` itself is checked
@@ -29,8 +29,10 @@ import pytest
 from conftest import spy
 from metal_shim import shim
 
-import mlx_qwen35.gated_delta as gd
-from mlx_qwen35.backend import ENV_PORTABLE, blas_hint
+import mlx_qwen35.ops.recurrence as gd
+from mlx_qwen35.ops import dispatch, metal
+from mlx_qwen35.ops.blas import blas_hint
+from mlx_qwen35.ops.dispatch import ENV_PORTABLE
 from mlx_qwen35.errors import Qwen35Error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +44,7 @@ BF16_Y_TOL = 1e-2
 @pytest.fixture(autouse=True)
 def no_forced_method(monkeypatch):
     """These tests choose methods themselves (and test the variable)."""
-    monkeypatch.delenv(gd.ENV_METHOD, raising=False)
+    monkeypatch.delenv(dispatch.ENV_METHOD, raising=False)
 
 
 def rel_err(x: mx.array, ref: mx.array) -> float:
@@ -115,7 +117,7 @@ def test_masked_steps_are_identity_and_zero():
     # Garbage on the padded steps must not leak: the mask, not the values, decides.
     nan = lambda x: mx.where(mask.reshape(1, 40, *([1] * (x.ndim - 2))), x, float("nan"))
     for method in ("reference", "chunked", "auto"):  # auto: the Metal kernel on a Mac
-        y, s = gd.gated_delta_update(nan(q), nan(k), nan(v), nan(g), nan(beta), s0, mask, method=method)
+        y, s = dispatch.gated_delta_update(nan(q), nan(k), nan(v), nan(g), nan(beta), s0, mask, method=method)
         y_tail, s_tail = gd.reference(q[:, 9:], k[:, 9:], v[:, 9:], g[:, 9:], beta[:, 9:], s0)
         assert mx.all(y[:, :9] == 0).item()
         assert rel_err(y[:, 9:], y_tail) < F32_TOL
@@ -147,7 +149,7 @@ def bf16(inputs):
 def test_chunked_bf16(T):
     inputs = bf16(make_inputs(2, T, 2, 4, 16, 24, state=True, mask=True, seed=T))
     y_ref, s_ref = gd.reference(*inputs)
-    y, s = gd.gated_delta_update(*inputs, method="chunked")
+    y, s = dispatch.gated_delta_update(*inputs, method="chunked")
     assert y.dtype == mx.bfloat16 and s.dtype == mx.float32
     assert rel_err(y, y_ref) < BF16_Y_TOL
     assert rel_err(s, s_ref) < F32_TOL
@@ -156,45 +158,45 @@ def test_chunked_bf16(T):
 def test_dtypes_and_defaults():
     q, k, v, g, beta, _, _ = make_inputs(1, 3, 2, 4, 16, 24, state=False, mask=False)
     for method in ("reference", "chunked", "fast", "auto"):
-        y, s = gd.gated_delta_update(q, k, v.astype(mx.float16), g, beta, method=method)
+        y, s = dispatch.gated_delta_update(q, k, v.astype(mx.float16), g, beta, method=method)
         assert y.dtype == mx.float16 and s.dtype == mx.float32 and s.shape == (1, 4, 24, 16)
-    y, s = gd.gated_delta_update(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0])
+    y, s = dispatch.gated_delta_update(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0])
     assert y.shape == (1, 0, 4, 24) and mx.all(s == 0).item()
 
 
 def test_env_var_forces_method(monkeypatch, grid):
     inputs, (y_ref, s_ref) = grid["T63-Hv4-state-mask"]
-    monkeypatch.setenv(gd.ENV_METHOD, "reference")
-    y, s = gd.gated_delta_update(*inputs)
+    monkeypatch.setenv(dispatch.ENV_METHOD, "reference")
+    y, s = dispatch.gated_delta_update(*inputs)
     assert mx.array_equal(y, y_ref) and mx.array_equal(s, s_ref)
-    monkeypatch.setenv(gd.ENV_METHOD, "fast")
+    monkeypatch.setenv(dispatch.ENV_METHOD, "fast")
     y_fast, s_fast = mx.fast.gated_delta_update(*inputs)
-    y, s = gd.gated_delta_update(*inputs)
+    y, s = dispatch.gated_delta_update(*inputs)
     assert mx.array_equal(y, y_fast) and mx.array_equal(s, s_fast)
-    monkeypatch.setenv(gd.ENV_METHOD, "quick")
-    with pytest.raises(Qwen35Error, match=gd.ENV_METHOD):
-        gd.gated_delta_update(*inputs)
+    monkeypatch.setenv(dispatch.ENV_METHOD, "quick")
+    with pytest.raises(Qwen35Error, match=dispatch.ENV_METHOD):
+        dispatch.gated_delta_update(*inputs)
 
 
 def test_bad_input_is_named():
     q, k, v, g, beta, s0, m = make_inputs(2, 4, 2, 4, 16, 24, state=True, mask=True)
     with pytest.raises(Qwen35Error, match="v must be"):
-        gd.gated_delta_update(q, k, v[:, :, :3], g, beta)
+        dispatch.gated_delta_update(q, k, v[:, :, :3], g, beta)
     with pytest.raises(Qwen35Error, match="beta must be"):
-        gd.gated_delta_update(q, k, v, g, beta[:, :, :2])
+        dispatch.gated_delta_update(q, k, v, g, beta[:, :, :2])
     with pytest.raises(Qwen35Error, match="state must be"):
-        gd.gated_delta_update(q, k, v, g, beta, s0.swapaxes(-1, -2))
+        dispatch.gated_delta_update(q, k, v, g, beta, s0.swapaxes(-1, -2))
     with pytest.raises(Qwen35Error, match="mask must be"):
-        gd.gated_delta_update(q, k, v, g, beta, s0, m[:, :2])
+        dispatch.gated_delta_update(q, k, v, g, beta, s0, m[:, :2])
     with pytest.raises(Qwen35Error, match="method='fastest'"):
-        gd.gated_delta_update(q, k, v, g, beta, method="fastest")
+        dispatch.gated_delta_update(q, k, v, g, beta, method="fastest")
 
 
 @pytest.mark.skipif(mx.metal.is_available(), reason="Metal is available here")
 def test_metal_method_needs_metal():
     inputs = make_inputs(1, 2, 2, 2, 32, 32, state=False, mask=False)
     with pytest.raises(Qwen35Error, match="Apple GPU"):
-        gd.gated_delta_update(*inputs, method="metal")
+        dispatch.gated_delta_update(*inputs, method="metal")
 
 
 # --------------------------------------------------------------------------- mx.fast
@@ -206,7 +208,7 @@ def test_fast_keeps_the_decay_in_float32():
     g = mx.array(np.random.default_rng(3).uniform(0.99, 1.0, g.shape).astype(np.float32))
     assert rel_err(g.astype(mx.bfloat16), g) > 1e-4  # the rounding this is about
     y_ref, s_ref = gd.reference(q, k, v, g, beta, s0)
-    y, s = gd.gated_delta_update(q, k, v, g, beta, s0, method="fast")
+    y, s = dispatch.gated_delta_update(q, k, v, g, beta, s0, method="fast")
     assert rel_err(s, s_ref) < F32_TOL
     assert rel_err(y, y_ref) < BF16_Y_TOL
 
@@ -216,15 +218,15 @@ def test_without_mx_fast_fast_falls_back(monkeypatch, grid):
     monkeypatch.delattr(mx.fast, "gated_delta_update")
     inputs, _ = grid["T65-Hv4-state-mask"]
     with mx.stream(mx.cpu):
-        y, s = gd.gated_delta_update(*inputs, method="fast")
+        y, s = dispatch.gated_delta_update(*inputs, method="fast")
         y_c, s_c = gd.chunked(*inputs)
         assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
         monkeypatch.setenv(ENV_PORTABLE, "1")
-        y, s = gd.gated_delta_update(*inputs)
+        y, s = dispatch.gated_delta_update(*inputs)
         assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
-    monkeypatch.setattr(gd, "_on_metal", lambda: True)
-    assert gd.choose_method(65, 16, 16, 128, 128) == "metal"
-    assert gd.choose_method(65, 2, 4, 16, 24) == "metal"
+    monkeypatch.setattr(dispatch, "on_metal", lambda: True)
+    assert dispatch.choose_method(65, 16, 16, 128, 128) == "metal"
+    assert dispatch.choose_method(65, 2, 4, 16, 24) == "metal"
 
 
 def test_pyproject_requires_an_mlx_with_mx_fast_gated_delta_update():
@@ -241,32 +243,32 @@ MLX_FUSED_HEADS = [(16, 16), (16, 32), (16, 48), (16, 64), (24, 24), (32, 32)]
 
 
 def test_fast_is_fused_follows_mlx(monkeypatch):
-    monkeypatch.setattr(gd, "_on_metal", lambda: False)
-    assert not gd.fast_is_fused(16, 16, 128, 128, False)
-    monkeypatch.setattr(gd, "_on_metal", lambda: True)
+    monkeypatch.setattr(dispatch, "on_metal", lambda: False)
+    assert not dispatch.fast_is_fused(16, 16, 128, 128, False)
+    monkeypatch.setattr(dispatch, "on_metal", lambda: True)
     for Hk, Hv in MLX_FUSED_HEADS:
-        assert gd.fast_is_fused(Hk, Hv, 128, 128, False)
-        assert not gd.fast_is_fused(Hk, Hv, 128, 128, True)  # a mask
-        assert not gd.fast_is_fused(Hk, Hv, 64, 128, False) and not gd.fast_is_fused(Hk, Hv, 128, 256, False)
+        assert dispatch.fast_is_fused(Hk, Hv, 128, 128, False)
+        assert not dispatch.fast_is_fused(Hk, Hv, 128, 128, True)  # a mask
+        assert not dispatch.fast_is_fused(Hk, Hv, 64, 128, False) and not dispatch.fast_is_fused(Hk, Hv, 128, 256, False)
     for Hk, Hv in [(8, 8), (16, 24), (32, 64), (2, 4), (48, 48)]:
-        assert not gd.fast_is_fused(Hk, Hv, 128, 128, False)
+        assert not dispatch.fast_is_fused(Hk, Hv, 128, 128, False)
     monkeypatch.delattr(mx.fast, "gated_delta_update")
-    assert not gd.fast_is_fused(16, 16, 128, 128, False)
+    assert not dispatch.fast_is_fused(16, 16, 128, 128, False)
 
 
 def test_auto_on_metal_runs_fast_only_where_mlx_fuses_it(fake_metal, monkeypatch):
     """Decode: our kernel. Prefill: mx.fast where fused, else our kernel (MLX would loop over steps)."""
-    monkeypatch.setattr(gd, "_on_metal", lambda: True)
+    monkeypatch.setattr(dispatch, "on_metal", lambda: True)
     calls = fake_metal(lambda *a: gd.reference(*a[:7]))
     fast_calls = spy(monkeypatch, mx.fast, "gated_delta_update")
     prod = lambda T, mask: make_inputs(1, T, 16, 16, 128, 128, state=True, mask=mask)
-    gd.gated_delta_update(*prod(2, False))
+    dispatch.gated_delta_update(*prod(2, False))
     assert len(calls) == 2 and not fast_calls  # self-check, then the run
-    gd.gated_delta_update(*prod(17, False))
+    dispatch.gated_delta_update(*prod(17, False))
     assert len(calls) == 2 and len(fast_calls) == 1
-    gd.gated_delta_update(*prod(17, True))  # masked: not fused
+    dispatch.gated_delta_update(*prod(17, True))  # masked: not fused
     assert len(calls) == 4 and len(fast_calls) == 1
-    gd.gated_delta_update(*make_inputs(1, 65, 2, 4, 16, 24, state=True, mask=False))  # heads MLX has no kernel for
+    dispatch.gated_delta_update(*make_inputs(1, 65, 2, 4, 16, 24, state=True, mask=False))  # heads MLX has no kernel for
     assert len(calls) == 6 and len(fast_calls) == 1
 
 
@@ -277,8 +279,8 @@ def test_auto_on_metal_runs_fast_only_where_mlx_fuses_it(fake_metal, monkeypatch
 def fake_metal(monkeypatch):
     """Pretend Metal is there; the test decides what the kernel returns."""
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(gd, "_metal_checked", set())
-    monkeypatch.setattr(gd, "_metal_healthy", True)
+    monkeypatch.setattr(metal, "_checked", set())
+    monkeypatch.setattr(metal, "_healthy", True)
     calls = []
 
     def install(kernel):
@@ -286,7 +288,7 @@ def fake_metal(monkeypatch):
             calls.append(args)
             return kernel(*args, **kwargs)
 
-        monkeypatch.setattr(gd, "_run_metal", run)
+        monkeypatch.setattr(metal, "run", run)
         return calls
 
     return install
@@ -311,16 +313,16 @@ def one_state_entry_off(q, k, v, g, beta, state, mask, lanes):
 @pytest.mark.parametrize("fused", [True, False], ids=["mlx-fuses", "mlx-would-loop"])
 def test_broken_kernel_falls_back_to_a_gpu_path_with_one_warning(fake_metal, monkeypatch, caplog, kernel, fused):
     """Never chunked (its triangular inverse runs on a CPU stream): mx.fast where fused, else reference."""
-    monkeypatch.setattr(gd, "_on_metal", lambda: True)
+    monkeypatch.setattr(dispatch, "on_metal", lambda: True)
     calls = fake_metal(kernel)
     chunked_calls = spy(monkeypatch, gd, "chunked")
     fast_calls = spy(monkeypatch, mx.fast, "gated_delta_update")
     Hk, Dk = (16, 128) if fused else (2, 16)
     inputs = bf16(make_inputs(1, 5, Hk, Hk, Dk, Dk, state=True, mask=False, seed=11))
     y_ref, s_ref = gd.reference(*inputs)
-    with caplog.at_level(logging.WARNING, logger=gd.__name__):
+    with caplog.at_level(logging.WARNING, logger=metal.__name__):
         for _ in range(3):
-            y, s = gd.gated_delta_update(*inputs, method="metal")
+            y, s = dispatch.gated_delta_update(*inputs, method="metal")
             assert rel_err(y, y_ref) < BF16_Y_TOL and rel_err(s, s_ref) < F32_TOL
     assert len(calls) == 1  # the self-check, never again
     assert len(caplog.records) == 1 and "self-check" in caplog.records[0].getMessage()
@@ -330,10 +332,10 @@ def test_broken_kernel_falls_back_to_a_gpu_path_with_one_warning(fake_metal, mon
 def test_healthy_kernel_is_checked_once_per_instantiation(fake_metal, caplog, grid):
     calls = fake_metal(lambda *a: gd.reference(*a[:7]))
     inputs, _ = grid["T2-Hv4-state-mask"]
-    with caplog.at_level(logging.WARNING, logger=gd.__name__):
+    with caplog.at_level(logging.WARNING, logger=metal.__name__):
         for _ in range(3):
-            gd.gated_delta_update(*inputs, method="metal")
-        gd.gated_delta_update(*inputs[:6], None, method="metal")  # unmasked: another kernel
+            dispatch.gated_delta_update(*inputs, method="metal")
+        dispatch.gated_delta_update(*inputs[:6], None, method="metal")  # unmasked: another kernel
     assert len(calls) == 2 + 3 + 1
     assert not caplog.records
 
@@ -342,7 +344,7 @@ def test_self_check_bounds_state_and_y_apart():
     """The float32 state within 1e-4 of its largest entry, y within its dtype's rounding."""
     q, k, v, g, beta, s0, m = make_inputs(2, 5, 2, 4, 16, 24, state=True, mask=True)
     y, s = gd.reference(q, k, v, g, beta, s0, m)
-    problem = lambda y_, s_: gd._self_check_problem(y_, s_, y, s)
+    problem = lambda y_, s_: metal._problem(y_, s_, y, s)
     assert problem(y, s) is None
     assert problem(y.astype(mx.bfloat16), s) is None  # y's rounding to bf16 is no fault
     assert problem(y * (1 + 1e-3), s).startswith("y ")  # in float32 it is
@@ -358,14 +360,14 @@ def test_self_check_bounds_state_and_y_apart():
 def test_auto_on_cpu_runs_chunked(grid):
     for case in ("T1-Hv2", "T300-Hv4-state-mask"):
         inputs, _ = grid[case]
-        y, s = gd.gated_delta_update(*inputs)
+        y, s = dispatch.gated_delta_update(*inputs)
         y_c, s_c = gd.chunked(*inputs)
         assert mx.array_equal(y, y_c) and mx.array_equal(s, s_c)
 
 
 # --------------------------------------------------------------------------- Metal kernel
 #
-# gd._run_metal runs as it is: on a Mac through MLX, here (and on a Mac too)
+# metal.run runs as it is: on a Mac through MLX, here (and on a Mac too)
 # through tests/metal_shim, which stands in for mx.fast.metal_kernel and builds
 # and launches whatever the launch code asks for, the kernel compiled as C++
 # with 32 lanes per SIMD-group run as cooperative threads.
@@ -413,9 +415,9 @@ def kernel_inputs(name, T, variant, dtype):
 
 
 def test_kernel_shapes_cover_every_lanes_value():
-    chosen = {gd._metal_lanes(T, Dk, Dv) for Dk, Dv, _, _, Ts in KERNEL_SHAPES.values() for T in Ts}
-    assert chosen == set(gd._LANES)
-    assert gd._metal_lanes(1, 128, 128) == 32 and gd._metal_lanes(17, 128, 128) == 4
+    chosen = {metal.choose_lanes(T, Dk, Dv) for Dk, Dv, _, _, Ts in KERNEL_SHAPES.values() for T in Ts}
+    assert chosen == set(metal.LANES)
+    assert metal.choose_lanes(1, 128, 128) == 32 and metal.choose_lanes(17, 128, 128) == 4
 
 
 @pytest.fixture(scope="module")
@@ -427,13 +429,13 @@ def shim_build_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(shim.MetalKernel, "build_dir", out)
         mp.setattr(mx.fast, "metal_kernel", shim.MetalKernel)
-        gd._metal_kernel.cache_clear()
-        kernel = gd._metal_kernel()
-        gd._metal_kernel.cache_clear()
+        metal._kernel.cache_clear()
+        kernel = metal._kernel()
+        metal._kernel.cache_clear()
         launches = []
         for case in KERNEL_CASES:
             Dk, Dv, *_ = KERNEL_SHAPES[case[0]]
-            launches.append(gd._metal_launch(*kernel_inputs(*case), lanes=gd._metal_lanes(case[1], Dk, Dv)))
+            launches.append(metal._launch(*kernel_inputs(*case), lanes=metal.choose_lanes(case[1], Dk, Dv)))
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(lambda launch: kernel.build(**launch), launches))
     return out
@@ -441,15 +443,15 @@ def shim_build_dir(tmp_path_factory):
 
 @pytest.fixture(params=["shim", "metal"])
 def kernel_backend(request, monkeypatch, shim_build_dir):
-    """Where gd._run_metal's launches go: the C++ shim, or Metal itself (on a Mac)."""
+    """Where metal.run's launches go: the C++ shim, or Metal itself (on a Mac)."""
     if request.param == "metal" and not mx.metal.is_available():
         pytest.skip("needs an Apple GPU (Metal)")
     if request.param == "shim":
         monkeypatch.setattr(shim.MetalKernel, "build_dir", shim_build_dir)
         monkeypatch.setattr(mx.fast, "metal_kernel", shim.MetalKernel)
-    gd._metal_kernel.cache_clear()
+    metal._kernel.cache_clear()
     yield request.param
-    gd._metal_kernel.cache_clear()
+    metal._kernel.cache_clear()
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=kernel_id)
@@ -458,7 +460,7 @@ def test_metal_kernel(kernel_backend, case):
     Dk, Dv, *_ = KERNEL_SHAPES[name]
     inputs = kernel_inputs(*case)
     y_ref, s_ref = gd.reference(*inputs)
-    y, s = gd._run_metal(*inputs, lanes=gd._metal_lanes(T, Dk, Dv))
+    y, s = metal.run(*inputs, lanes=metal.choose_lanes(T, Dk, Dv))
     assert y.dtype == inputs[2].dtype and s.dtype == mx.float32
     assert rel_err(y, y_ref) < (F32_TOL if dtype == "float32" else BF16_Y_TOL)
     assert rel_err(s, s_ref) < F32_TOL
@@ -468,12 +470,12 @@ def test_metal_kernel(kernel_backend, case):
 def test_metal_method_with_its_self_check(kernel_backend, monkeypatch, dtype):
     """The whole `metal` method at the 2B's shape: the self-check passes, then the run."""
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(gd, "_metal_checked", set())
-    monkeypatch.setattr(gd, "_metal_healthy", True)
+    monkeypatch.setattr(metal, "_checked", set())
+    monkeypatch.setattr(metal, "_healthy", True)
     inputs = kernel_inputs("2B-decode", 1, "plain", dtype)
     y_ref, s_ref = gd.reference(*inputs)
-    y, s = gd.gated_delta_update(*inputs, method="metal")
-    assert gd._metal_healthy and len(gd._metal_checked) == 1
+    y, s = dispatch.gated_delta_update(*inputs, method="metal")
+    assert metal._healthy and len(metal._checked) == 1
     assert rel_err(y, y_ref) < (F32_TOL if dtype == "float32" else BF16_Y_TOL) and rel_err(s, s_ref) < F32_TOL
 
 
@@ -498,12 +500,12 @@ def test_shim_runs_the_launch_it_is_given(kernel_backend, monkeypatch, what):
     """A wrong launch in the Python code fails here: the shim takes nothing from elsewhere."""
     if kernel_backend == "metal":
         pytest.skip("a wrong launch on real Metal is undefined behaviour")
-    launch = gd._metal_launch
-    monkeypatch.setattr(gd, "_metal_launch", lambda *a: _wrong(launch(*a), what))
+    launch = metal._launch
+    monkeypatch.setattr(metal, "_launch", lambda *a: _wrong(launch(*a), what))
     inputs = kernel_inputs("butterfly", 17, "state-mask", "float32")
     y_ref, s_ref = gd.reference(*inputs)
     try:
-        y, s = gd._run_metal(*inputs, lanes=gd._metal_lanes(17, 32, 16))
+        y, s = metal.run(*inputs, lanes=metal.choose_lanes(17, 32, 16))
     except RuntimeError as e:
         assert "[metal shim]" in str(e)
     else:
@@ -565,7 +567,7 @@ def test_2b_shape_on_the_gpu(method, dtype, T):
         y_ref, s_ref = gd.reference(*inputs)
         mx.eval(y_ref, s_ref)
     with mx.stream(mx.gpu):
-        y, s = gd.gated_delta_update(*inputs, method=method)
+        y, s = dispatch.gated_delta_update(*inputs, method=method)
         mx.eval(y, s)
     tol = F32_TOL if method == "metal" else FAST_TOL
     assert y.dtype == inputs[2].dtype and rel_err(s, s_ref) < tol
@@ -619,7 +621,7 @@ OPENBLAS = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/openblas-pthread/libbl
 
 
 def hint_in_subprocess(**env) -> str:
-    code = "import numpy, mlx.core; from mlx_qwen35.backend import blas_hint; print(blas_hint())"
+    code = "import numpy, mlx.core; from mlx_qwen35.ops.blas import blas_hint; print(blas_hint())"
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE")}
     proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

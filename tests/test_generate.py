@@ -261,7 +261,7 @@ def test_cpu_attention_peak_does_not_grow_with_blocks():
     # about one block's, however many blocks the chunk has.
     import gc
 
-    from mlx_qwen35.model.cpu import ATTENTION_BLOCK, cpu_attention
+    from mlx_qwen35.ops.cpu import ATTENTION_BLOCK, cpu_attention
 
     def peak(blocks: int) -> int:
         H, Hkv, S, D = 8, 2, 4096, 64

@@ -6,6 +6,8 @@ vision token ids; transformers runs the same expanded ids and pixels.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -153,7 +155,7 @@ def test_processor_settings_must_fit_the_tower(chat_model, images, tmp_path, mon
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "preprocessor_config.json").write_text(json.dumps({"patch_size": 14, "merge_size": 2}))
-    monkeypatch.setattr(model, "source", folder, raising=False)
+    monkeypatch.setattr(model, "config", replace(model.config, folder=folder))
     with pytest.raises(Qwen35Error, match=r"preprocessor_config.json: patch, temporal patch and merge sizes \(14, 2, 2\)"):
         load_media(model, paths[:1])
     shutil.rmtree(folder)

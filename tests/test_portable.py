@@ -15,17 +15,18 @@ import numpy as np
 import pytest
 from conftest import rel_err, spy
 
-import mlx_qwen35.gated_delta as gd
-from mlx_qwen35.backend import ENV_PORTABLE, portable
+import mlx_qwen35.ops.recurrence as gd
+from mlx_qwen35 import ops
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.loading import load_model
-from mlx_qwen35.model import cpu, text
+from mlx_qwen35.ops import cpu, linear
+from mlx_qwen35.ops.dispatch import ENV_METHOD, ENV_PORTABLE, portable
 
 
 @pytest.fixture
 def portable_on(monkeypatch):
     monkeypatch.setenv(ENV_PORTABLE, "1")
-    monkeypatch.delenv(gd.ENV_METHOD, raising=False)
+    monkeypatch.delenv(ENV_METHOD, raising=False)
 
 
 def test_the_switch(monkeypatch):
@@ -44,30 +45,30 @@ def test_projections_are_the_layers_own(portable_on):
     mx.random.seed(0)
     lin = nn.Linear(256, 300, bias=True)
     lin.set_dtype(mx.bfloat16)
-    x = mx.random.normal((1, cpu.HALF_BLAS_ROWS + 3, 256)).astype(mx.bfloat16)
-    assert mx.array_equal(cpu.project(lin, x), lin(x)).item()
+    x = mx.random.normal((1, linear.HALF_BLAS_ROWS + 3, 256)).astype(mx.bfloat16)
+    assert mx.array_equal(ops.prepare(lin)(x), lin(x)).item()
     q = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=4)
-    assert mx.array_equal(cpu.project(q, x), q(x)).item()
+    assert mx.array_equal(ops.prepare(q)(x), q(x)).item()
     head = nn.QuantizedEmbedding.from_embedding(nn.Embedding(300, 256), group_size=64, bits=4)
-    assert mx.array_equal(cpu.project(head, x[0]), head.as_linear(x[0])).item()
+    assert mx.array_equal(ops.prepare(head).as_linear(x[0]), head.as_linear(x[0])).item()
 
 
 def test_activations_are_mlx_ops(portable_on):
     rng = np.random.default_rng(0)
     x, u = (mx.array((rng.standard_normal((3, 50, 64)) * 4).astype(np.float32)) for _ in range(2))
-    assert mx.array_equal(cpu.swiglu(x, u), nn.silu(x) * u).item()
-    assert mx.array_equal(cpu.sigmoid_mul(x, u), u * mx.sigmoid(x)).item()
+    assert mx.array_equal(ops.swiglu(x, u), nn.silu(x) * u).item()
+    assert mx.array_equal(ops.sigmoid_mul(x, u), u * mx.sigmoid(x)).item()
 
 
 # What the CPU runs instead of MLX's own graph: blocked attention, the conv as
 # shifted taps, the polynomial activations, the chunked two-stream recurrence.
-CPU_PATHS = [(text, "cpu_attention"), (text, "_conv_taps"), (cpu, "_swiglu"), (cpu, "_gated"), (gd, "chunked")]
+CPU_PATHS = [(cpu, "cpu_attention"), (cpu, "conv_taps"), (cpu, "_swiglu"), (cpu, "_gated"), (gd, "chunked")]
 
 
 @pytest.mark.parametrize("mode", ["cpu", "portable"])
 def test_model_forward_takes_no_cpu_path(monkeypatch, hf_gqa, token_ids, mode):
     monkeypatch.setenv(ENV_PORTABLE, "1" if mode == "portable" else "0")
-    monkeypatch.delenv(gd.ENV_METHOD, raising=False)
+    monkeypatch.delenv(ENV_METHOD, raising=False)
     calls = {name: spy(monkeypatch, owner, name) for owner, name in CPU_PATHS}
     fast = spy(monkeypatch, mx.fast, "gated_delta_update")
     model = load_model(hf_gqa.path)

@@ -42,10 +42,9 @@ from mlx_qwen35.processor import (
     load_image,
     load_settings,
     process_images,
-    process_video,
     smart_resize,
-    video_frame_size,
 )
+from mlx_qwen35.video import process_video, video_frame_size
 
 
 # The official preprocessor_config.json's values (a test compares them with the file when it is present).

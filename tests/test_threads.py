@@ -15,9 +15,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import mlx_qwen35.gated_delta as gd
+import mlx_qwen35.ops.recurrence as gd
 from mlx_qwen35.generate import generate
-from mlx_qwen35.model import cpu
+from mlx_qwen35.ops import cpu
+from mlx_qwen35.ops.dispatch import ENV_METHOD
 from mlx_qwen35.sampling import Sampling
 
 
@@ -43,7 +44,7 @@ def in_threads(fn, n: int = 1) -> list:
 
 @pytest.fixture(autouse=True)
 def auto_method(monkeypatch):
-    monkeypatch.delenv(gd.ENV_METHOD, raising=False)
+    monkeypatch.delenv(ENV_METHOD, raising=False)
 
 
 def test_long_recurrence_in_any_thread():

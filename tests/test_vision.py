@@ -232,14 +232,14 @@ def test_mlx_vlm_layout_maps_to_the_same_tower(tiny, ours):
     from mlx.utils import tree_flatten
     from mlx_vlm.models.qwen3_5.vision import VisionModel as VlmVision
 
-    from mlx_qwen35.weights import Checkpoint, to_ours
+    from mlx_qwen35.model import Model
 
     hf_names = mx.load(str(tiny[1] / "model.safetensors"))
     vlm = VlmVision.sanitize(
         None, {k.replace("model.visual.", "vision_tower.", 1): v for k, v in hf_names.items() if "visual" in k}
     )
     assert vlm["vision_tower.patch_embed.proj.weight"].shape[-1] == 3
-    mapped = to_ours(Checkpoint(vlm, dict.fromkeys(vlm, "model.safetensors")), "mlx").tensors
+    mapped = dict(Model.sanitize(k, v, "mlx") for k, v in vlm.items())
     own = {k: v for k, v in tree_flatten(ours.parameters()) if k.startswith("visual.")}
     assert set(mapped) == set(own)
     for k, v in mapped.items():

@@ -1,21 +1,70 @@
-"""The whole Qwen3.5 checkpoint as one MLX module.
+"""The whole Qwen3.5 checkpoint as one MLX module, and its checkpoint contract.
 
 Parameter names are the Hugging Face ones without the leading ``model.``:
-``language_model.*``, ``visual.*`` and ``mtp.*``.
+``language_model.*``, ``visual.*`` and ``mtp.*``. :class:`Model` answers what
+a Qwen3.5 checkpoint is: how each writer's names and layouts map onto it
+(:meth:`Model.sanitize`), which tensors keep float32, which layers quantize
+to how many bits, and its cache.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..config import ModelConfig, TextConfig
 from ..errors import Qwen35Error
-from .cache import make_cache
+from .cache import KV_BITS, AttentionCache, QuantizedAttentionCache, RecurrentCache
 from .text import DecoderLayer, RMSNorm, TextModel
+
+# Each writer's prefixes → ours, first match wins ("mlx" is mlx-lm and mlx-vlm).
+RENAMES = {
+    "hf": (
+        ("model.language_model.", "language_model."),
+        ("model.visual.", "visual."),
+        ("model.", "language_model."),  # flat qwen3_5_text checkpoints
+        ("lm_head.", "language_model.lm_head."),
+    ),
+    "mlx": (
+        ("language_model.model.", "language_model."),
+        ("vision_tower.", "visual."),
+    ),
+}
+
+# Zero-centred RMSNorms (x̂·(1+w)) whose HF weight gets the +1 folded in.
+# linear_attn.norm and the vision LayerNorms are plain and keep their weight.
+SHIFTED_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+    "pre_fc_norm_embedding.weight",
+    "pre_fc_norm_hidden.weight",
+)
+
+# The per-tensor precision policy of a quantized conversion; first match wins.
+# "keep" leaves the layer at --dtype; a number is the fewest bits it gets.
+# Not listed because they are never quantizable: conv1d, A_log, dt_bias and
+# every norm stay at --dtype (A_log and the text norms in float32).
+# Why each rule, with the measurement behind it: README "Quantization policy".
+QUANT_POLICY: tuple[tuple[str, Union[str, int]], ...] = (
+    # [Hv, hidden]: negligible size, and they set every step's decay and beta
+    (r"\.in_proj_[ab]$", "keep"),
+    # The vision tower stays at --dtype unless --quantize-vision
+    (r"^visual\.", "vision"),
+    # GDN output projection: sensitive on these hybrids, 4 % of the weights
+    (r"\.linear_attn\.out_proj$", 8),
+    # The 6 full-attention layers' projections: sensitive, 5 % of the weights
+    (r"\.self_attn\.[qkvo]_proj$", 8),
+    # Tied embedding = output head: a quarter of the bytes read per token at 4 bits
+    (r"(^|\.)(embed_tokens|lm_head)$", 6),
+    (r"", "default"),
+)
 
 
 class MTP(nn.Module):
@@ -52,29 +101,105 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.language_model.layers
 
+    # -----------------------------------------------------------------------------------------
+    # The checkpoint contract
+
+    @staticmethod
+    def sanitize(name: str, w: mx.array, fmt: str) -> tuple[str, mx.array]:
+        """One tensor of a ``fmt`` checkpoint ('hf', 'mlx' or 'ours') under our name and layout.
+
+        From Hugging Face: conv1d [C,1,K] → [C,K,1]; the Conv3d patch embed
+        [O,C,T,P,P] → a Linear [O, C·T·P·P]; zero-centred norms get their +1,
+        added in float32 and kept there. From mlx-vlm: its channels-last patch
+        embed [O,T,P,P,C] → [O, C·T·P·P].
+        """
+        for old, new in RENAMES.get(fmt, ()):
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        if fmt == "hf":
+            if name.endswith("conv1d.weight") and w.ndim == 3:
+                w = w.moveaxis(2, 1)
+            elif name == "visual.patch_embed.proj.weight" and w.ndim == 5:
+                w = w.reshape(w.shape[0], -1)
+            elif name.endswith(SHIFTED_NORMS) or name in ("language_model.norm.weight", "mtp.norm.weight"):
+                w = w.astype(mx.float32) + 1.0
+        elif fmt == "mlx" and name == "visual.patch_embed.proj.weight" and w.ndim == 5:
+            w = w.transpose(0, 4, 1, 2, 3).reshape(w.shape[0], -1)
+        return name, w
+
+    def held(self, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The checkpoint's tensors less what this model leaves out: MTP or vision when not built, a tied head.
+
+        Any other tensor stays, so that loading names it as unexpected.
+        """
+        own = {k for k, _ in tree_flatten(self.parameters())}
+        prefixes = []
+        if not hasattr(self, "mtp"):
+            prefixes.append("mtp.")
+        if not hasattr(self, "visual"):
+            prefixes.append("visual.")
+        if self.config.text.tie_word_embeddings:
+            prefixes.append("language_model.lm_head.")
+        return {k: v for k, v in tensors.items() if k in own or not k.startswith(tuple(prefixes))}
+
+    @staticmethod
+    def keeps_float32(name: str) -> bool:
+        """Small tensors whose precision matters more than their size: A_log and text RMSNorm weights."""
+        return name.endswith("A_log") or (not name.startswith("visual.") and name.endswith("norm.weight"))
+
+    def cast(self, dtype: mx.Dtype) -> None:
+        """Cast floating parameters to ``dtype``; those of :meth:`keeps_float32` to float32."""
+
+        def f(name, w):
+            if not mx.issubdtype(w.dtype, mx.floating):
+                return w
+            return w.astype(mx.float32 if self.keeps_float32(name) else dtype)
+
+        self.update(tree_map_with_path(f, self.parameters()))
+
+    @staticmethod
+    def quant_predicate(path: str, module: nn.Module, spec) -> Union[bool, dict]:
+        """The :data:`QUANT_POLICY` decision for one layer under a ``QuantSpec``: False, or its to_quantized() settings."""
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
+        for pattern, rule in QUANT_POLICY:
+            if re.search(pattern, path):
+                break
+        if rule == "keep" or (rule == "vision" and not spec.vision):
+            return False
+        settings = spec.settings(rule if isinstance(rule, int) else None)
+        if module.weight.shape[-1] % settings["group_size"]:
+            return False  # cannot be grouped; stays at --dtype
+        return settings
+
     def make_cache(self, kv_bits: Optional[int] = None) -> list[Any]:
         """One cache per layer: conv + recurrent state for Gated DeltaNet, KV for attention.
 
-        ``kv_bits`` (4 or 8) quantizes the attention KV.
+        ``kv_bits`` (4 or 8) quantizes the attention KV (the recurrent state stays float32).
         """
-        return make_cache(self.layers, kv_bits)
+        if kv_bits is not None and kv_bits not in KV_BITS:
+            raise Qwen35Error(f"kv_bits: {kv_bits} is not one of {KV_BITS}")
+        attention = lambda: (
+            AttentionCache() if kv_bits is None else QuantizedAttentionCache(group_size=self.kv_group_size, bits=kv_bits)
+        )
+        return [RecurrentCache() if layer.is_linear else attention() for layer in self.layers]
 
-    def __call__(
-        self,
-        inputs: Optional[mx.array],
-        cache: Optional[list[Any]] = None,
-        input_embeddings: Optional[mx.array] = None,
-        positions: Optional[mx.array] = None,
-        rope_delta: int = 0,
-    ) -> mx.array:
-        """Logits [B, T, vocab] for token ids [B, T] (or embeddings [B, T, hidden]).
+    @property
+    def kv_group_size(self) -> int:
+        """Elements per scale and bias of a quantized KV cache."""
+        return 64 if self.config.text.head_dim % 64 == 0 else 32
 
-        ``positions`` [3, B, T] are explicit mRoPE positions (prompts with images);
-        without them token i sits at ``cache offset + rope_delta + i`` on every
-        axis, which is how decoding continues after an image.
+    def __call__(self, inputs: Optional[mx.array], cache: Optional[list[Any]] = None, **kw) -> mx.array:
+        """Logits [B, T, vocab] for token ids [B, T] (or ``input_embeddings`` [B, T, hidden]).
+
+        The keywords are ``TextModel.hidden_states``'s: ``positions`` [3, B, T]
+        are explicit mRoPE positions (prompts with images); without them token
+        i sits at ``cache offset + rope_delta + i`` on every axis, which is how
+        decoding continues after an image.
         """
         lm = self.language_model
-        return lm.logits(lm.hidden_states(inputs, cache, input_embeddings, positions, rope_delta))
+        return lm.logits(lm.hidden_states(inputs, cache, **kw))
 
     def encode_vision(self, pixel_values, grid_thw) -> mx.array:
         """Vision features [Σ t·h·w / 4, hidden] for processor patches and their grids."""

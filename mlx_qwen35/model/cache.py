@@ -21,11 +21,9 @@ speculative decoding later) never asks which kind of layer it holds:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
-
-from ..errors import Qwen35Error
 
 KV_BITS = (4, 8)
 
@@ -112,22 +110,6 @@ class QuantizedAttentionCache(_Attention, QuantizedKVCache):
 
     PARTS = 3
     parts = whole = staticmethod(tuple)
-
-
-def make_cache(layers, kv_bits: Optional[int] = None) -> list[Any]:
-    """One cache per layer; ``kv_bits`` quantizes attention KV (the recurrent state stays float32)."""
-    if kv_bits is not None and kv_bits not in KV_BITS:
-        raise Qwen35Error(f"kv_bits: {kv_bits} is not one of {KV_BITS}")
-    out = []
-    for layer in layers:
-        if layer.is_linear:
-            out.append(RecurrentCache())
-        elif kv_bits is None:
-            out.append(AttentionCache())
-        else:
-            hd = layer.self_attn.head_dim
-            out.append(QuantizedAttentionCache(group_size=64 if hd % 64 == 0 else 32, bits=kv_bits))
-    return out
 
 
 def offset(cache: list[Any]) -> int:

@@ -3,7 +3,8 @@
 Layers alternate Gated DeltaNet (linear attention with a recurrent state) and
 gated full attention, as ``layer_types`` lists them; each is followed by a
 SwiGLU MLP. Norm weights are stored already shifted (``1 + w``, in float32),
-so plain RMSNorms apply them.
+so plain RMSNorms apply them. The graph never asks where it runs: :mod:`..ops`
+picks each kernel per device, and the loader swaps in CPU-fast projections.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import create_attention_mask
 
+from .. import ops
 from ..config import TextConfig
-from ..gated_delta import gated_delta_update
-from .cpu import cpu_attention, cpu_paths, per_shape_compile, project, sigmoid_mul, swiglu
 from .rope import MRoPE
 
 
@@ -28,7 +28,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x):
-        return project(self.down_proj, swiglu(project(self.gate_proj, x), project(self.up_proj, x)).astype(x.dtype))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)).astype(x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -41,23 +41,6 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x):
         return mx.fast.rms_norm(x, self.weight, self.eps).astype(x.dtype)
-
-
-@per_shape_compile
-def _conv_taps(xs: mx.array, w: mx.array) -> mx.array:
-    """Causal depthwise conv of xs [B, T + K - 1, C] with taps w [K, C].
-
-    The CPU path (elsewhere MLX's grouped conv runs, as in mlx-lm). A K-tap
-    sum of shifted slices: exact, and cheaper than a grouped conv there;
-    compiled, one pass instead of 2K - 1 (taps as rows: a column of [C, K]
-    made the CPU kernel strided: 40 ms against 17 at T = 2048).
-    """
-    K = w.shape[0]
-    T = xs.shape[1] - K + 1
-    out = xs[:, 0:T] * w[0]
-    for j in range(1, K):
-        out = out + xs[:, j : j + T] * w[j]
-    return out
 
 
 class GatedDeltaNet(nn.Module):
@@ -95,16 +78,12 @@ class GatedDeltaNet(nn.Module):
             # A copy: a view of the tail would keep the whole chunk's input alive
             # (50 MB per layer for a 2048-token chunk at the 2B shape).
             cache[0] = mx.contiguous(xs[:, -(K - 1) :])
-        w = self.conv1d.weight.astype(x.dtype)
-        if cpu_paths():
-            out = _conv_taps(xs, mx.contiguous(w[:, :, 0].T))
-        else:
-            out = mx.conv1d(xs, w, groups=C)
-        return sigmoid_mul(out, out).astype(x.dtype)
+        out = ops.causal_conv(xs, self.conv1d.weight.astype(x.dtype))
+        return ops.sigmoid_mul(out, out).astype(x.dtype)
 
     def __call__(self, x: mx.array, cache=None, mask: Optional[mx.array] = None, positions=None) -> mx.array:
         B, T, _ = x.shape
-        qkv = project(self.in_proj_qkv, x)
+        qkv = self.in_proj_qkv(x)
         if mask is not None:
             qkv = mx.where(mask[..., None], qkv, 0)
         conv = self._conv(qkv, cache)
@@ -117,19 +96,19 @@ class GatedDeltaNet(nn.Module):
         q = mx.fast.rms_norm(q.astype(mx.float32), None, eps) * (1.0 / self.d_k)
         k = mx.fast.rms_norm(k.astype(mx.float32), None, eps) * (self.d_k**-0.5)
 
-        beta = mx.sigmoid(project(self.in_proj_b, x).astype(mx.float32))
-        a = project(self.in_proj_a, x).astype(mx.float32)
+        beta = mx.sigmoid(self.in_proj_b(x).astype(mx.float32))
+        a = self.in_proj_a(x).astype(mx.float32)
         g = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias.astype(mx.float32)))
 
         state = cache[1] if cache is not None else None
-        y, state = gated_delta_update(q, k, v, g, beta, state, mask)
+        y, state = ops.gated_delta_update(q, k, v, g, beta, state, mask)
         if cache is not None:
             cache[1] = state
 
-        z = project(self.in_proj_z, x).reshape(B, T, self.n_v, self.d_v)
+        z = self.in_proj_z(x).reshape(B, T, self.n_v, self.d_v)
         y = mx.fast.rms_norm(y.astype(mx.float32), None, self.norm.eps).astype(x.dtype)
-        y = swiglu(z, y * self.norm.weight)
-        out = project(self.out_proj, y.astype(x.dtype).reshape(B, T, -1))
+        y = ops.swiglu(z, y * self.norm.weight)
+        out = self.out_proj(y.astype(x.dtype).reshape(B, T, -1))
         if cache is None:
             return out
         # Make the next layer wait for this layer's cache: evaluated only at the
@@ -155,11 +134,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache=None, mask=None, positions=None, rope_delta: int = 0) -> mx.array:
         B, T, _ = x.shape
-        qg = project(self.q_proj, x).reshape(B, T, self.n_heads, 2 * self.head_dim)
+        qg = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
         q, gate = mx.split(qg, 2, axis=-1)
         q = self.q_norm(q).transpose(0, 2, 1, 3)
-        k = self.k_norm(project(self.k_proj, x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
-        v = project(self.v_proj, x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
 
         # After an image, text positions run rope_delta ahead of the cache index.
         offset = (cache.offset if cache is not None else 0) + rope_delta
@@ -167,12 +146,9 @@ class Attention(nn.Module):
         k = self.rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if cpu_paths() and isinstance(k, mx.array) and (mask is None or isinstance(mask, str)):
-            out = cpu_attention(q, k, v, self.head_dim**-0.5, causal=mask is not None)
-        else:
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.head_dim**-0.5, mask=mask)
+        out = ops.attention(q, k, v, cache, self.head_dim**-0.5, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return project(self.o_proj, sigmoid_mul(gate.reshape(B, T, -1), out).astype(x.dtype))
+        return self.o_proj(ops.sigmoid_mul(gate.reshape(B, T, -1), out).astype(x.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -230,4 +206,5 @@ class TextModel(nn.Module):
         return self.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:
-        return project(self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head, h)
+        head = self.embed_tokens.as_linear if self.cfg.tie_word_embeddings else self.lm_head
+        return head(h)

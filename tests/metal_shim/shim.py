@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -62,14 +63,20 @@ def compiler() -> Optional[str]:
 
 
 def compile_library(source: str, out: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build ``source`` (C++ including metal_shim.h) into a shared library, warnings as errors."""
-    src = out.with_suffix(".cpp")
+    """Build ``source`` (C++ including metal_shim.h) into a shared library, warnings as errors.
+
+    Builds of the same source may run at once (the fixture compiles in parallel):
+    each writes its own files and moves the library into place whole.
+    """
+    tag = f"{os.getpid()}-{threading.get_ident()}"
+    src, tmp = out.with_name(f"{out.stem}.{tag}.cpp"), out.with_name(f"{out.stem}.{tag}.so")
     src.write_text(source)
     cmd = [compiler(), "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{SHIM}", *extra]
-    cmd += [str(src), "-o", str(out)]
+    cmd += [str(src), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"shim compile failed:\n{proc.stderr}")
+    os.replace(tmp, out)
     return ctypes.CDLL(str(out))
 
 

@@ -1,131 +1,32 @@
-"""Numerics for MLX's CPU backend: projections, activations and attention.
+"""Numerics for MLX's CPU backend: activations, softmax, attention and the conv.
 
-Off the CPU (Metal), or with ``MLX_QWEN35_PORTABLE=1``, each function runs
-MLX's own operation; on the CPU it routes around the backend's slow spots,
-measured on the 2-core x86 machine with OpenBLAS at the 2B shape (figures
-beside each choice).
+Each routes around a slow spot of the CPU backend (bench/NOTES.md has the
+A/B figures and how to measure them); :mod:`.dispatch` decides when they run,
+and runs MLX's own operations elsewhere. The float32-BLAS projections are in
+:mod:`.linear`.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
-from functools import lru_cache
 
 import mlx.core as mx
-import mlx.nn as nn
-
-from ..backend import portable
-
-
-def cpu_paths() -> bool:
-    """Whether to take the CPU paths here: MLX computes on the CPU and portable mode is off."""
-    return mx.default_device() == mx.cpu and not portable()
-
-
-# --------------------------------------------------------------------------- projections
-#
-# On MLX's CPU backend only float32 matmuls reach BLAS. Half-precision ones
-# run a plain loop, and quantized_matmul with half-precision activations both
-# crawls and accumulates in bfloat16 (3.7 % typical relative error against
-# the exact product, vs 6e-7 with float32 activations). On the CPU,
-# :func:`project` therefore multiplies in float32 through BLAS, casting or
-# dequantizing the weight a block of rows at a time (6144 x 2048 weight,
-# 2-core x86 with OpenBLAS):
-#
-#   bfloat16, 128 rows:   672 ms native, 53 ms cast to float32
-#   bfloat16, 1 row:      10.7 ms native, 32 ms cast (so below HALF_BLAS_ROWS: native)
-#   4-bit, 1 row:         99 ms quantized_matmul, 33 ms dequantized in blocks
-#   4-bit, 16 rows:       1780 ms quantized_matmul, 95 ms dequantized in blocks
-#
-# Blocks of BLOCK_ELEMS weights (4 MB in float32) stay in the range that
-# malloc reuses; whole-matrix temporaries are mapped afresh each time, and
-# their page faults cost more than the multiply at one row. Elsewhere (Metal)
-# the layers run natively.
-BLOCK_ELEMS = 1 << 20
-HALF_BLAS_ROWS = 8
-
-
-@lru_cache(maxsize=None)
-def _dequantizer(bits: int, group_size: int):
-    """(dtype to view the packed weight as, compiled affine dequantization of its rows to float32).
-
-    MLX packs values as a little-endian bit stream. A unit of ``width``
-    elements holds ``vals`` whole values: one uint32 word when the bit width
-    divides 32 (4-bit: 8 values), else a few bytes (6-bit: 3 bytes, 4
-    values). Scale and bias apply in float32, so the weights are exact, not
-    rounded to the scales' dtype as ``mx.dequantize`` leaves them.
-    """
-    if 32 % bits == 0:
-        view, elem_bits, width, vals = mx.uint32, 32, 1, 32 // bits
-    else:
-        g = math.gcd(bits, 8)
-        view, elem_bits, width, vals = mx.uint8, 8, bits // g, 8 // g
-    utype = mx.uint64 if width * elem_bits > 32 else mx.uint32
-    shifts = (mx.arange(vals) * bits).astype(utype)
-    mask = (1 << bits) - 1
-
-    def dequantize(packed, scales, biases):
-        rows = packed.shape[0]
-        packed = packed.reshape(rows, -1, width)
-        units = packed[..., 0].astype(utype)
-        for i in range(1, width):
-            units = units | (packed[..., i].astype(utype) << (elem_bits * i))
-        q = (units.reshape(rows, -1, group_size // vals, 1) >> shifts) & mask
-        w = q.astype(mx.float32) * scales[..., None, None].astype(mx.float32)
-        return (w + biases[..., None, None].astype(mx.float32)).reshape(rows, -1)
-
-    return view, mx.compile(dequantize)
-
-
-def project(layer: nn.Module, x: mx.array) -> mx.array:
-    """``layer(x)`` for a (quantized) Linear, or a (quantized) Embedding used as the output head."""
-    native = layer.as_linear if hasattr(layer, "as_linear") else layer
-    if not cpu_paths():
-        return native(x)
-    w = layer.weight
-    if "scales" in layer:
-        if layer.mode != "affine":
-            return native(x)
-        view, deq = _dequantizer(layer.bits, layer.group_size)
-        packed = mx.view(w, view)
-        block = lambda i, j: deq(packed[i:j], layer.scales[i:j], layer.biases[i:j])
-        dtype = x.dtype
-    elif w.dtype in (mx.bfloat16, mx.float16) and x.size // x.shape[-1] >= HALF_BLAS_ROWS:
-        block = lambda i, j: w[i:j].astype(mx.float32)
-        dtype = mx.result_type(x, w)
-    else:
-        return native(x)
-    x32 = x.astype(mx.float32)
-    n = layer.weight.shape[0]
-    step = max(1, BLOCK_ELEMS // (x.shape[-1]))
-    outs = []
-    for i in range(0, n, step):
-        wb = block(i, min(i + step, n))
-        if outs:  # after the previous block's product, or MLX would expand every block at once
-            wb = mx.depends(wb, outs[-1])
-        outs.append(x32 @ wb.T)
-    y = mx.concatenate(outs, axis=-1)
-    if "bias" in layer:
-        y = y + layer.bias
-    return y.astype(dtype)
 
 
 # --------------------------------------------------------------------------- activations
 #
-# MLX's CPU exp is a scalar loop at ~23 ns an element, 60 times a multiply,
-# and every SiLU, sigmoid and softmax pays it. Here exp(a), a <= 0, is
-# 2^n exp(r): n = round(a / ln 2), r = a - n ln 2 with ln 2 split in two
-# (Cody-Waite) so r is exact, exp(r) by Cephes' minimax polynomial on
-# |r| <= ln 2 / 2, and 2^n built in the float's exponent bits. Relative error
-# 2e-7 (a couple of ulp), where MLX's own exp and sigmoid reach 3.8e-6.
+# MLX's CPU exp is a scalar loop, far slower than a multiply, and every
+# SiLU, sigmoid and softmax pays it. Here exp(a), a <= 0, is 2^n exp(r):
+# n = round(a / ln 2), r = a - n ln 2 with ln 2 split in two (Cody-Waite) so
+# r is exact, exp(r) by Cephes' minimax polynomial on |r| <= ln 2 / 2, and
+# 2^n built in the float's exponent bits: a couple of ulp, more accurate than
+# MLX's own exp and sigmoid.
 #
 # Written so that MLX's CPU compiler makes each step one vectorized loop:
 # - the bit trick (a view) cannot fuse, so r, the bits of 2^n, exp and its
 #   use are four kernels, each with one output (outputs that share
-#   intermediates split a kernel; exp fused into its use ran slower, 42
-#   against 11 + 22 ms);
+#   intermediates split a kernel; exp fused into its use ran slower);
 # - no graph deeper than 10 operations (MLX fuses to depth 11; beyond, it
 #   materializes intermediates and passes constants as strided inputs);
 # - no floor (a libm call per element): n is rounded with 1.5 * 2^23;
@@ -133,11 +34,6 @@ def project(layer: nn.Module, x: mx.array) -> mx.array:
 #   sigmoid's numerator is max(e, [x >= 0]);
 # - compiled per input shape: shapeless compilation broadcasts both operands
 #   of every array-scalar operation, doubling the depth.
-# SiLU(g) * u at [2048, 6144] (2-core x86, best of 5): 80 ms, against 191
-# for its shapeless two-pass predecessor and 358 for nn.silu; the softmax of
-# [1, 2, 512, 2048] scores 18 ms, 28 and 56 (mx.softmax). A 2B prefill,
-# this design and its predecessor alternating in one process: 2048 tokens
-# 42.9-43.9 s against 60.8-67.1 s, 1024 tokens 22.6-27.9 s against 30.5-42.6.
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_MIN = -87.33  # about ln 2^-126: exp of anything smaller is not a normal float32
@@ -226,18 +122,14 @@ def _swiglu(x, u, e):
 
 
 def sigmoid_mul(x: mx.array, u: mx.array) -> mx.array:
-    """u * sigmoid(x), in float32 (``silu(x)`` is ``sigmoid_mul(x, x)``); MLX's own off the CPU."""
+    """u * sigmoid(x), in float32 (``silu(x)`` is ``sigmoid_mul(x, x)``)."""
     x = x.astype(mx.float32)
-    if not cpu_paths():
-        return u * mx.sigmoid(x)
     return _gated(x, u.astype(mx.float32), _exp_neg_abs(x))
 
 
 def swiglu(x: mx.array, u: mx.array) -> mx.array:
-    """silu(x) * u, in float32; MLX's own off the CPU."""
+    """silu(x) * u, in float32."""
     x = x.astype(mx.float32)
-    if not cpu_paths():
-        return nn.silu(x) * u
     return _swiglu(x, u.astype(mx.float32), _exp_neg_abs(x))
 
 
@@ -256,11 +148,7 @@ def softmax(scores: mx.array) -> mx.array:
 # heads of a KV head with one product, and runs causal prefill in blocks of
 # ATTENTION_BLOCK queries that stop at the last key they can see, so about
 # half the scores (and their exponentials, the dominant cost) are never made.
-# 8 query heads, 2 KV heads, D = 256, ms per layer (with mx.softmax):
-#
-#   T = 2048:  1104 fallback;  1182 unblocked, 870 blocks of 512, 812 of 256, 648 of 128
-#   T = 512:     93 fallback;  78 blocks of 256, 63 of 128
-#   decode against 2048 keys: 3.2 fallback, 2.4 ours
+# Smaller blocks skip more scores; 128 was the fastest size tried (bench/NOTES.md).
 ATTENTION_BLOCK = 128
 
 
@@ -290,3 +178,21 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: b
         outs.append((p @ v[:, :, :n]).reshape(B, Hkv, rep, s1 - s0, D))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, D).astype(dtype)
+
+
+# --------------------------------------------------------------------------- conv
+
+
+@per_shape_compile
+def conv_taps(xs: mx.array, w: mx.array) -> mx.array:
+    """Causal depthwise conv of xs [B, T + K - 1, C] with taps w [K, C].
+
+    A K-tap sum of shifted slices: exact, and cheaper than the CPU backend's
+    grouped conv; compiled, one pass instead of 2K - 1.
+    """
+    K = w.shape[0]
+    T = xs.shape[1] - K + 1
+    out = xs[:, 0:T] * w[0]
+    for j in range(1, K):
+        out = out + xs[:, j : j + T] * w[j]
+    return out

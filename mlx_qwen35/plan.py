@@ -1,4 +1,4 @@
-"""Which checkpoint ``chat``, ``generate`` and ``info`` run, at which precision, and what it costs in memory.
+"""Which checkpoint ``chat``, ``generate`` and ``info`` run, and at which precision.
 
 ``--model`` is a local folder (a raw Hugging Face checkpoint, ours, or one
 written by mlx-lm / mlx-vlm) or a hub id. A hub repo that already holds MLX
@@ -14,20 +14,23 @@ ones on much slower generic kernels.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
 
+from .convert import DTYPES
 from .errors import Qwen35Error
-from .loading import resolve
+from .loading import load_model, resolve
+from .ops.dispatch import on_metal
 from .precision import PRECISIONS
+from .quant import QuantSpec, quantize
+from .weights import Checkpoint
 
 DEFAULT_MODEL = "Qwen/Qwen3.5-2B"
 CPU_NOTE = "CPU backend: running in float32, the fastest here (float32 matmuls use BLAS; bf16 and quantized ones do not)"
-DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def cache_root() -> Path:
@@ -55,26 +58,6 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
 
 
-@dataclass(frozen=True)
-class _Checkpoint:
-    format: str  # "hf", "ours" or "mlx"
-    quant_bits: Optional[int]
-    dtype: mx.Dtype  # of its floating weights (the embedding's)
-
-
-def _inspect(folder: Path) -> _Checkpoint:
-    from .config import load_config
-    from .weights import detect_format, read_checkpoint
-
-    config = load_config(folder)
-    tensors = read_checkpoint(folder).tensors  # lazy: headers only
-    fmt = detect_format(config.raw, tensors)
-    quant = config.quantization
-    floats = [w.dtype for w in tensors.values() if mx.issubdtype(w.dtype, mx.floating)]
-    dtype = max(set(floats), key=floats.count) if floats else mx.float32
-    return _Checkpoint(fmt, None if not quant else quant.get("bits", 4), dtype)
-
-
 def plan(
     model: Optional[str] = None,
     precision: str = "auto",
@@ -92,7 +75,7 @@ def plan(
     An already quantized checkpoint runs as stored under ``auto``.
     """
     name = model or DEFAULT_MODEL
-    metal = mx.metal.is_available() if metal is None else metal
+    metal = on_metal() if metal is None else metal
     p = concrete_precision(precision, metal=metal)
     notes = (CPU_NOTE,) if precision == "auto" and not metal else ()
     hub = not Path(name).expanduser().exists()
@@ -100,12 +83,12 @@ def plan(
         for tag in _cache_tags(p):
             cached = cache_root() / f"{name.replace('/', '--')}-{tag}"
             if (cached / "config.json").is_file():
-                return _plan_folder(cached, _inspect(cached), precision, p, notes)
+                return _plan_folder(cached, Checkpoint.open(cached), precision, p, notes)
     folder = resolve(name)  # a hub id that is not cached yet is downloaded here
-    ckpt = _inspect(folder)
+    ckpt = Checkpoint.open(folder)
     if hub and convert and ckpt.format == "hf":
         folder = _convert_once(name, folder, p, ckpt, say, progress)
-        ckpt = _inspect(folder)
+        ckpt = Checkpoint.open(folder)
     return _plan_folder(folder, ckpt, precision, p, notes)
 
 
@@ -115,8 +98,8 @@ def _cache_tags(precision: str) -> tuple[str, ...]:
     return (precision,)
 
 
-def _convert_once(name: str, source: Path, precision: str, ckpt: _Checkpoint, say, progress) -> Path:
-    from .convert import QuantSpec, convert
+def _convert_once(name: str, source: Path, precision: str, ckpt: Checkpoint, say, progress) -> Path:
+    from .convert import convert
 
     if precision in ("4bit", "8bit"):
         dtype, spec, tag = "bfloat16", QuantSpec(bits=int(precision[0])), precision
@@ -130,7 +113,7 @@ def _convert_once(name: str, source: Path, precision: str, ckpt: _Checkpoint, sa
     return out
 
 
-def _plan_folder(folder: Path, ckpt: _Checkpoint, requested: str, precision: str, notes: tuple[str, ...]) -> Plan:
+def _plan_folder(folder: Path, ckpt: Checkpoint, requested: str, precision: str, notes: tuple[str, ...]) -> Plan:
     cast = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(precision)
     if ckpt.quant_bits is None:
         bits = int(precision[0]) if precision in ("4bit", "8bit") else None
@@ -149,9 +132,6 @@ def _plan_folder(folder: Path, ckpt: _Checkpoint, requested: str, precision: str
 
 def build(p: Plan, *, lazy: bool = False):
     """The model of a :class:`Plan`; ``lazy`` reads no weights (shapes and dtypes only)."""
-    from .convert import QuantSpec, quantize
-    from .loading import load_model
-
     model = load_model(p.folder, dtype=p.dtype, lazy=True)
     if p.quantize_bits is not None:
         quantize(model, QuantSpec(bits=p.quantize_bits))
@@ -167,79 +147,12 @@ def load_plan(p: Plan, chat_template: Optional[str] = None):
     return build(p), load_tokenizer(p.folder, chat_template)
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory: what the weights, the KV cache and the recurrent state take.
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Bytes the model takes at run time; KV per token for full-precision and quantized caches."""
-
-    weights: dict[str, int]  # "text", "vision" (loaded only when an image arrives)
-    kv_per_token: dict[Optional[int], float]  # kv_bits (None = unquantized) → bytes per token
-    state: int  # conv + recurrent state of every Gated DeltaNet layer, per conversation
-    compute_dtype: mx.Dtype
-    attention_layers: int
-    linear_layers: int
-    max_context: int
-
-    def longest_context(self, available: int, kv_bits: Optional[int] = None) -> int:
-        """Tokens whose KV fits in ``available`` bytes besides the text weights and the state."""
-        free = available - self.weights["text"] - self.state
-        return max(0, min(self.max_context, int(free // self.kv_per_token[kv_bits])))
-
-
-def footprint(model) -> Footprint:
-    """The :class:`Footprint` of a (lazy) model, from its config and its parameters' shapes and dtypes."""
-    from mlx.utils import tree_flatten
-
-    from .loading import run_dtype
-    from .model.cache import KV_BITS
-
-    cfg = model.config.text
-    lm = model.language_model
-    compute = run_dtype(model)  # the activations' dtype, hence the KV's
-    size = compute.size
-    attn = [layer for layer in lm.layers if not layer.is_linear]
-    linear = len(lm.layers) - len(attn)
-    elements = 2 * len(attn) * cfg.num_key_value_heads * cfg.head_dim  # keys and values
-    kv: dict[Optional[int], float] = {None: elements * size}
-    for bits in KV_BITS:
-        group = 64 if cfg.head_dim % 64 == 0 else 32
-        kv[bits] = elements * (bits / 8 + 2 * size / group)  # packed values, then a scale and a bias per group
-    # conv state in the compute dtype; the recurrent state is always float32
-    per_layer = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * size
-    per_layer += cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
-    weights = {"text": sum(w.nbytes for _, w in tree_flatten(lm.parameters()))}
-    if getattr(model, "visual", None) is not None:
-        weights["vision"] = sum(w.nbytes for _, w in tree_flatten(model.visual.parameters()))
-    return Footprint(weights, kv, linear * per_layer, compute, len(attn), linear, cfg.max_position_embeddings)
-
-
-def available_memory() -> tuple[int, str]:
-    """Bytes the model may use, and where that figure comes from."""
-    if mx.metal.is_available():
-        return int(mx.device_info()["max_recommended_working_set_size"]), "Metal's recommended working set"
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024, "MemAvailable"
-        except OSError:
-            pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
-
-
 __all__ = [
     "DEFAULT_MODEL",
     "PRECISIONS",
-    "Footprint",
     "Plan",
-    "available_memory",
     "build",
     "cache_root",
-    "footprint",
     "load_plan",
     "plan",
 ]

@@ -1,41 +1,19 @@
-"""MLX's CPU backend: which BLAS it multiplies with (and how to get a fast one on Linux), and whether to use it.
+"""MLX's CPU backend: which BLAS it multiplies with, and how to get a fast one on Linux.
 
-The ``mlx[cpu]`` wheel carries the reference BLAS (about 4 GFLOP/s for float32
-matmuls on a 2-core x86 machine); Debian's OpenBLAS, preloaded, gives 40-160.
+The ``mlx[cpu]`` wheel carries the reference BLAS, an order of magnitude
+slower for float32 matmuls than Debian's OpenBLAS preloaded (bench/NOTES.md).
 MLX loads its bundled BLAS privately, so a BLAS that the process's global
 symbol scope resolves ``cblas_sgemm`` to (a preloaded one) is the one MLX
 calls. Finding it is a symbol lookup, not a timing.
-
-:func:`portable` is the one switch between the CPU-specific numeric paths
-(``model/cpu.py``, the chunked recurrence) and the plain MLX op graph an
-Apple GPU runs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import sys
 from pathlib import Path
 from typing import Optional
-
-from .errors import Qwen35Error
-
-ENV_PORTABLE = "MLX_QWEN35_PORTABLE"
-
-
-def portable() -> bool:
-    """Whether ``MLX_QWEN35_PORTABLE=1`` asks for the op graph a Mac's GPU runs, on any device.
-
-    It turns off every CPU-specific path (float32-BLAS projections, polynomial
-    activations, blocked attention, the conv rewrite, the chunked two-stream
-    recurrence), so CPU tests exercise what Metal runs.
-    """
-    value = os.environ.get(ENV_PORTABLE, "")
-    if value not in ("", "0", "1"):
-        raise Qwen35Error(f"{ENV_PORTABLE}={value!r}: expected 1 (on) or 0 (off)")
-    return value == "1"
 
 
 class _DlInfo(ctypes.Structure):

@@ -1,0 +1,96 @@
+"""The CPU numerics of mlx_qwen35.ops against MLX's own operations, at the 2B's shapes.
+
+    python bench/cpu_ops.py                       # every section
+    python bench/cpu_ops.py --only attention      # one of: projections, activations, attention, conv
+
+Milliseconds per call, best of ``--rounds`` interleaved rounds, ours beside
+the operation MLX's graph runs instead (what ``MLX_QWEN35_PORTABLE=1`` runs).
+Run it on the CPU; on Linux it re-runs itself on OpenBLAS when that is
+installed (bench/common.py). bench/NOTES.md keeps the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import race, use_fast_blas  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from mlx_qwen35.ops import cpu, dispatch, linear  # noqa: E402
+
+ROUNDS = 5
+
+
+def show(title: str, best: dict) -> None:
+    print(f"{title:<44}" + "".join(f"{name:>16}: {t * 1e3:8.1f} ms" for name, t in best.items()), flush=True)
+
+
+def projections() -> None:
+    """A 6144 x 2048 weight (the MLP's up projection) in bf16 and 4-bit."""
+    lin = nn.Linear(2048, 6144, bias=False)
+    lin.set_dtype(mx.bfloat16)
+    q = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=4)
+    mx.eval(lin.parameters(), q.parameters())
+    linear.HALF_BLAS_ROWS = 1  # time the cast at one row too: the threshold's reason
+    for kind, layer, rows_list in (("bf16", lin, (1, 128)), ("4-bit", q, (1, 16))):
+        for rows in rows_list:
+            x = mx.random.normal((1, rows, 2048)).astype(mx.bfloat16)
+            fns = {"native": lambda: layer(x), "float32": lambda: linear.float32_product(layer, x)}
+            show(f"{kind} projection, {rows} rows", race(fns, ROUNDS))
+
+
+def activations() -> None:
+    x, u = mx.random.normal((2048, 6144)) * 4, mx.random.normal((2048, 6144))
+    s = mx.random.normal((1, 2, 512, 2048)) * 8
+    mx.eval(x, u, s)
+    fns = {"nn.silu": lambda: nn.silu(x) * u, "ours": lambda: cpu.swiglu(x, u)}
+    show("SiLU(g) * u, [2048, 6144]", race(fns, ROUNDS))
+    fns = {"mx.softmax": lambda: mx.softmax(s, axis=-1), "ours": lambda: cpu.softmax(s)}
+    show("softmax, [1, 2, 512, 2048]", race(fns, ROUNDS))
+
+
+def attention() -> None:
+    """8 query heads, 2 KV heads, D = 256: causal prefill of T tokens, and one decode step."""
+    H, Hkv, D = 8, 2, 256
+    for T, L in ((512, 512), (2048, 2048), (2048, 1)):
+        q = mx.random.normal((1, H, L, D))
+        k, v = mx.random.normal((1, Hkv, T, D)), mx.random.normal((1, Hkv, T, D))
+        mx.eval(q, k, v)
+        mask = "causal" if L > 1 else None
+        fns = {"mx.fast": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask=mask)}
+        fns["ours"] = lambda: cpu.cpu_attention(q, k, v, D**-0.5, causal=L > 1)
+        show(f"attention, {L} queries over {T} keys", race(fns, ROUNDS))
+
+
+def conv() -> None:
+    """The Gated DeltaNet's depthwise conv: 4 taps over 6144 channels."""
+    T, C, K = 2048, 6144, 4
+    xs, w = mx.random.normal((1, T + K - 1, C)), mx.random.normal((C, K, 1))
+    mx.eval(xs, w)
+    taps = mx.contiguous(w[:, :, 0].T)
+    fns = {"mx.conv1d": lambda: mx.conv1d(xs, w, groups=C), "taps": lambda: cpu.conv_taps(xs, taps)}
+    show(f"causal conv, T = {T}", race(fns, ROUNDS))
+
+
+SECTIONS = {"projections": projections, "activations": activations, "attention": attention, "conv": conv}
+
+
+def main() -> None:
+    global ROUNDS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    ROUNDS = args.rounds
+    print(f"BLAS: {use_fast_blas()}; default device: {mx.default_device()}; CPU paths: {dispatch.cpu_paths()}")
+    for name in args.only:
+        SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    main()
