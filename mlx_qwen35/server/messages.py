@@ -50,6 +50,14 @@ def bad(field: str, message: str) -> ApiError:
     return ApiError(400, f"{field}: {message}", param=field)
 
 
+def check_utf8(field: str, value: Any) -> None:
+    """JSON's escapes can spell lone surrogates, which no tokenizer can encode."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(field, "holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+
+
 def shown(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -162,6 +170,7 @@ def _tool_calls(value: Any, field: str) -> list[dict]:
                 raise bad(f"{field}[{j}].function.arguments", f"not valid JSON ({e})") from None
         if not isinstance(args, dict):
             raise bad(f"{field}[{j}].function.arguments", f"expected a JSON object, got {shown(args)}")
+        check_utf8(f"{field}[{j}].function.arguments", args)
         out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(call.get("id"), str):
             out["id"] = call["id"]

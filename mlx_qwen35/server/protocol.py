@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..errors import Qwen35Error
 from ..sampling import Sampling, default_sampling
-from .messages import ApiError, bad, parse_messages, shown
+from .messages import ApiError, bad, check_utf8, parse_messages, shown
 
 __all__ = ["ApiError", "ChatParams", "Reply", "parse_chat", "parse_json"]
 
@@ -51,6 +51,7 @@ def parse_json(body: bytes) -> dict:
         raise ApiError(400, f"request body: not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"request body: expected a JSON object, got {shown(value)}")
+    check_utf8("request body", value)
     return value
 
 
