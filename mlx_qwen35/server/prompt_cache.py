@@ -61,8 +61,9 @@ class PrefixStore:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        # Copies: a view would pin the live cache's whole buffer and block its in-place updates.
-        layers = [({k: mx.contiguous(a) for k, a in c.state.items()}, c.meta_state) for c in cache]
+        # Copies (mx.array copies; mx.contiguous may keep a contiguous slice as a view): a view
+        # would pin the live cache's whole buffer (a KV buffer, a prefill chunk's conv input).
+        layers = [({k: mx.array(a) for k, a in c.state.items()}, c.meta_state) for c in cache]
         mx.eval([a for state, _ in layers for a in state.values()])
         nbytes = sum(a.nbytes for state, _ in layers for a in state.values())
         if nbytes > self.budget:
