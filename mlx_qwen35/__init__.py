@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .quant import QuantSpec
     from .sampling import PRESETS, Sampling
     from .stream import Piece
+    from .tools import ToolCall, tool_schemas
 
 _LAZY = {
     "load": "loading",
@@ -45,6 +46,8 @@ _LAZY = {
     "Generation": "engine",
     "GenerationResult": "engine",
     "Piece": "stream",
+    "ToolCall": "tools",
+    "tool_schemas": "tools",
     "Chat": "chat",
     "convert": "convert",
     "QuantSpec": "quant",

@@ -22,6 +22,7 @@ from .sampler import make_processors, make_sampler
 from .sampling import Sampling
 from .stream import Piece, TextStream
 from .tokenizer import special_tokens
+from .tools import ToolCall
 
 PREFILL_STEP = 2048
 ATTENTION_BUDGET = 256 << 20  # bytes of attention scores one prefill chunk may hold
@@ -154,6 +155,8 @@ class Request:
     stop: Sequence[str] = ()  # stop strings
     seed: Optional[int] = None
     start: int = 0
+    tools: Sequence[dict] = ()  # function schemas: the reply's tool calls are parsed when there are any
+    processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = ()  # (tokens, logits) → logits, after the penalties
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -166,7 +169,7 @@ class Request:
 class GenerationResult:
     text: str
     reasoning: str
-    finish_reason: Literal["stop", "length", "context", "interrupted"]
+    finish_reason: Literal["stop", "length", "context", "interrupted", "tool_calls"]
     prompt_tokens: int
     prefilled_tokens: int  # prompt tokens actually run (the rest came from a cache)
     generation_tokens: int
@@ -174,6 +177,7 @@ class GenerationResult:
     generation_tps: float
     peak_memory_gb: float
     tokens: list[int] = field(default_factory=list, repr=False)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # valid or not: see ToolCall.error
 
 
 class Interrupted(KeyboardInterrupt):
@@ -262,9 +266,9 @@ def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_sna
     """
     if r.seed is not None:
         mx.random.seed(r.seed)
-    sampler, processors = make_sampler(r.sampling), make_processors(r.sampling, r.max_tokens)
+    sampler, processors = make_sampler(r.sampling), make_processors(r.sampling, r.max_tokens) + list(r.processors)
     special = special_tokens(tokenizer)
-    stream = TextStream(tokenizer, reasoning=r.reasoning, stop=r.stop)
+    stream = TextStream(tokenizer, reasoning=r.reasoning, stop=r.stop, tools=r.tools)
     control = ThinkingControl(tokenizer, reasoning=r.reasoning, budget=r.thinking_budget, special=special)
     p = r.prompt
     # The reply ends where the model's context does.
@@ -287,6 +291,7 @@ def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_sna
             generation_tps=len(tokens) / max(end - prefilled, 1e-9),
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             tokens=tokens,
+            tool_calls=stream.tool_calls,
         )
 
     try:
@@ -315,6 +320,8 @@ def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_sna
         else:
             finish = "context" if limit < r.max_tokens else "length"
         yield from stream.finish()
+        if finish == "stop" and stream.tool_calls and not stream.stopped:  # the model ended its turn to call
+            finish = "tool_calls"
     except GeneratorExit:  # Generation.close()
         stream.finish()
         return result("interrupted")

@@ -1,12 +1,12 @@
 """The one-shot API: ``stream_generate`` yields :class:`~mlx_qwen35.stream.Piece` objects
-(text marked reasoning or answer) as tokens arrive; ``generate`` collects them into a
+(text marked reasoning, answer or tool call) as tokens arrive; ``generate`` collects them into a
 :class:`~mlx_qwen35.engine.GenerationResult`. Both render a user prompt (or a message list)
 with the checkpoint's own chat template: a one-shot generation is a one-turn chat.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -24,13 +24,17 @@ def stream_generate(
     stop: Sequence[str] = (),
     images: Sequence[ImageSource] = (),
     videos: Sequence[VideoSource] = (),
+    processors: Sequence[Callable] = (),
     **settings: Any,
 ) -> Generation:
     """Stream the reply to ``prompt`` (a user message, or a list of chat messages).
 
     ``settings`` are those of :class:`~mlx_qwen35.turn.Settings`: ``think``,
     ``system``, ``max_tokens`` (4096), ``sampling``, ``thinking_budget``,
-    ``seed`` and ``kv_bits`` (4 or 8 quantizes the attention KV cache). The
+    ``seed``, ``kv_bits`` (4 or 8 quantizes the attention KV cache) and
+    ``tools`` (OpenAI function schemas or Python functions: the reply's
+    calls come back as ``result.tool_calls``, streamed as "tool_call"
+    pieces, with finish reason "tool_calls"). The
     prompt is rendered with the checkpoint's chat template, thinking on or
     off. Iterate the returned :class:`Generation` for pieces; its ``result``
     holds the texts and statistics afterwards. ``sampling`` defaults to the
@@ -38,10 +42,11 @@ def stream_generate(
     of the ``stop`` strings. ``images`` (paths or PIL images) and ``videos``
     (animations, folders of frames, or lists of images) join a string prompt
     before its text; a message list places ``{"type": "image"}`` items itself
-    and passes the files here in the same order.
+    and passes the files here in the same order. ``processors`` are extra
+    logits processors ``(tokens so far, logits) → logits``.
     """
     s = Settings(**settings)
-    turn = prepare(model, tokenizer, s, prompt, images=images, videos=videos, stop=stop)
+    turn = prepare(model, tokenizer, s, prompt, images=images, videos=videos, stop=stop, processors=processors)
     return run(model, tokenizer, turn.request, model.make_cache(s.kv_bits))
 
 

@@ -1,35 +1,44 @@
-"""Generated token ids → streamed text pieces, marked reasoning or answer, cut at stop strings."""
+"""Generated token ids → streamed text pieces, marked reasoning, answer or tool call, cut at stop strings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 from .reasoning import ReasoningSplitter
 from .tokenizer import special_tokens
+from .tools import ToolCall, ToolCallSplitter
 
 
 @dataclass
 class Piece:
-    """A streamed piece of text, marked as reasoning or answer."""
+    """A streamed piece of text, marked as reasoning, answer or tool call (the call's markup).
+
+    The piece that ends a tool call carries the parsed ``call``.
+    """
 
     text: str
-    kind: Literal["reasoning", "answer"]
+    kind: Literal["reasoning", "answer", "tool_call"]
+    call: Optional[ToolCall] = None
 
 
 class TextStream:
     """Turns generated token ids into :class:`Piece` objects and the final texts (``parts``).
 
-    Holds back text that could still become a user stop string.
+    Holds back text that could still become a user stop string. With ``tools``
+    (function schemas), tool calls are taken out of the answer text after the
+    stop strings are applied; ``tool_calls`` lists them.
     """
 
-    def __init__(self, tokenizer, *, reasoning: bool, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, *, reasoning: bool, stop: Sequence[str] = (), tools: Sequence[dict] = ()):
         self.detok = tokenizer.detokenizer
         self.detok.reset()
         self.special = special_tokens(tokenizer)
         self.splitter = ReasoningSplitter(thinking_opened=reasoning)
         self.stop = [s for s in stop if s]
-        self.parts = {"reasoning": [], "answer": []}
+        self.calls = ToolCallSplitter(tools) if tools else None
+        self.parts = {"reasoning": [], "answer": [], "tool_call": []}
+        self.tool_calls: list[ToolCall] = []
         self.stopped = False
         self._pending: list[Piece] = []
 
@@ -37,16 +46,28 @@ class TextStream:
         if token in self.special.stop:
             return []
         self.detok.add_token(token)
-        return self._route(self.splitter.feed(self.detok.last_segment))
+        return self._emit(self._route(self.splitter.feed(self.detok.last_segment)))
 
     def finish(self) -> list[Piece]:
         self.detok.finalize()
         out = self._route(self.splitter.feed(self.detok.last_segment) + self.splitter.finish())
-        # The held-back tail can no longer become a stop string; _route recorded the rest.
-        rest, self._pending = self._pending, []
-        for p in rest:
+        # The held-back tail can no longer become a stop string.
+        out, self._pending = out + self._pending, []
+        return self._emit(out, end=True)
+
+    def _emit(self, pieces: list[Piece], end: bool = False) -> list[Piece]:
+        """Take the tool calls out of the answer pieces; record the texts."""
+        if self.calls is not None:
+            split = []
+            for p in pieces:
+                split += self.calls.feed(p.text) if p.kind == "answer" else [(p.kind, p.text, None)]
+            split += self.calls.finish() if end else []
+            pieces = [Piece(text, kind, call) for kind, text, call in split]
+        for p in pieces:
             self.parts[p.kind].append(p.text)
-        return out + rest
+            if p.call is not None:
+                self.tool_calls.append(p.call)
+        return pieces
 
     def _route(self, pieces) -> list[Piece]:
         """Queue new pieces; release those that can no longer start a stop string."""
@@ -66,8 +87,6 @@ class TextStream:
                 keep = max(0, len(text) - longest)
             out = _take_chars(self._pending, keep)
             self._pending = [] if self.stopped else _drop_chars(self._pending, keep)
-        for p in out:
-            self.parts[p.kind].append(p.text)
         return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from .engine import Request
 from .errors import Qwen35Error
@@ -20,6 +20,7 @@ from .processor import ImageSource
 from .reasoning import thinking_opened
 from .sampling import Sampling, default_sampling
 from .tokenizer import render_text
+from .tools import Tool, tool_schemas
 
 Prompt = Union[str, Sequence[dict]]
 VideoSource = Union[str, Path, Sequence[ImageSource]]
@@ -42,6 +43,8 @@ class Settings:
     max_tokens: int = _setting(4096, int, "a number of tokens")
     kv_bits: Optional[int] = _setting(None, _INT, "4, 8 or null")  # quantizes the attention KV cache
     seed: Optional[int] = _setting(None, _INT, "an integer or null")
+    # OpenAI function schemas or Python functions the model may call
+    tools: Optional[list[Tool]] = _setting(None, (list, type(None)), "a list of function schemas or null")
 
 
 @dataclass
@@ -74,15 +77,18 @@ def prepare(
     stop: Sequence[str] = (),
     history: Sequence[dict] = (),
     history_media: Sequence[Media] = (),
+    processors: Sequence[Callable] = (),
 ) -> Turn:
-    """Load media → render the system prompt, ``history`` and ``prompt`` → the model's inputs.
+    """Load media → render the system prompt, ``history`` and ``prompt`` (and the tools) → the model's inputs.
 
     ``history_media`` are the media placed in ``history``, in order.
+    ``processors`` are extra logits processors ``(tokens, logits) → logits``.
     """
+    schemas = tool_schemas(settings.tools)
     media = load_media(model, images, videos)
     system = [{"role": "system", "content": settings.system}] if settings.system else []
     messages = [*system, *history, *messages_of(prompt, media)]
-    text = render_text(tokenizer, messages, enable_thinking=settings.think)
+    text = render_text(tokenizer, messages, enable_thinking=settings.think, tools=schemas or None)
     inputs = prompt_inputs(
         model, tokenizer, tokenizer.encode(text, add_special_tokens=False), [*history_media, *media]
     )
@@ -94,5 +100,7 @@ def prepare(
         thinking_budget=settings.thinking_budget,
         stop=stop,
         seed=settings.seed,
+        tools=schemas,
+        processors=tuple(processors),
     )
     return Turn(messages, media, request)
