@@ -13,10 +13,14 @@ import threading
 import time
 from typing import Optional
 
+import pytest
+
 from mlx_qwen35.server.app import Server, bind, make_app
+from mlx_qwen35.server.worker import Worker
 
 TIMEOUT = 120  # seconds any one call may take before a test fails instead of hanging
 MODEL_ID = "tiny-qwen35"
+MAX_BODY = 64 << 10
 
 
 class Served:
@@ -102,3 +106,29 @@ class Records(logging.Handler):
                 return found[0]
             assert time.monotonic() < deadline, f"no log line for {request_id}"
             time.sleep(0.01)
+
+
+# Fixtures: a test module imports them, and gets its own worker (queue of 1) and server.
+
+
+@pytest.fixture(scope="module")
+def worker(chat_model):
+    w = Worker(lambda: chat_model, queue_size=1, cache_memory=1 << 30)
+    w.start()
+    yield w
+    w.stop(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def served(worker):
+    with Served(worker, max_body=MAX_BODY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def log():
+    records, logger = Records(), logging.getLogger("mlx_qwen35.server")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(records)

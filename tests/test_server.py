@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import threading
 import time
 
@@ -17,40 +16,15 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serving import MODEL_ID, TIMEOUT, Records, Served, open_stream, read_events
+from serving import MAX_BODY, MODEL_ID, TIMEOUT, Served, log, open_stream, read_events, served, worker  # noqa: F401
 
 from mlx_qwen35.generate import generate
 from mlx_qwen35.sampling import Sampling
-from mlx_qwen35.server.worker import Worker
 
 GREEDY = Sampling(temperature=0.0)
-MAX_BODY = 64 << 10
 # Greedy, and without the preset's presence penalty, as generate(sampling=GREEDY) runs.
 GREEDY_FIELDS = {"temperature": 0, "presence_penalty": 0}
 SEA = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the sea."}]
-
-
-@pytest.fixture(scope="module")
-def worker(chat_model):
-    w = Worker(lambda: chat_model, queue_size=1, cache_memory=1 << 30)
-    w.start()
-    yield w
-    w.stop(TIMEOUT)
-
-
-@pytest.fixture(scope="module")
-def served(worker):
-    with Served(worker, max_body=MAX_BODY) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def log():
-    records, logger = Records(), logging.getLogger("mlx_qwen35.server")
-    logger.addHandler(records)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(records)
 
 
 def template_ids(tok, messages, **options) -> list[int]:
@@ -118,14 +92,18 @@ def png_data_url(seed: int = 0, size=(40, 32)) -> tuple[str, Image.Image]:
 
 def test_images_from_data_urls_and_allowed_files(served, worker, chat_model, tmp_path):
     model, tok = chat_model
-    url, image = png_data_url()
     question = {"type": "text", "text": "What is this?"}
-    expected = generate(model, tok, [{"role": "user", "content": [{"type": "image"}, question]}],
-                        images=[image], sampling=GREEDY, max_tokens=4)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}]
-    r = served.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=4, **GREEDY_FIELDS)
-    assert r.choices[0].message.content == expected.text
-    assert r.usage.prompt_tokens == expected.prompt_tokens
+    system = {"role": "system", "content": "Look closely."}
+    for seed in (0, 1):  # two images of one size: the same tokens, but the second must not reuse the first's state
+        url, image = png_data_url(seed)
+        expected = generate(model, tok, [system, {"role": "user", "content": [{"type": "image"}, question]}],
+                            images=[image], sampling=GREEDY, max_tokens=4)
+        messages = [system, {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}]
+        r = served.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=4, **GREEDY_FIELDS)
+        assert r.choices[0].message.content == expected.text
+        assert r.usage.prompt_tokens == expected.prompt_tokens
+    system_ids = tok.apply_chat_template([system], add_generation_prompt=False)
+    assert r.usage.prompt_tokens_details.cached_tokens == len(system_ids)  # what comes before the image
     allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
     allowed.mkdir(), elsewhere.mkdir()
     image.save(allowed / "a.png"), image.save(elsewhere / "b.png")
@@ -170,6 +148,9 @@ BAD = [
     ({**user("hi"), "n": 2}, 400, "n", "only 1 choice"),
     ({**user("hi"), "logprobs": True}, 400, "logprobs", "not supported"),
     ({**user("hi"), "tool_choice": "required"}, 400, "tool_choice", 'expected "auto" or "none"'),
+    ({**user("hi"), "tools": {"type": "function"}}, 400, "tools", "expected a list of function schemas"),
+    ({**user("hi"), "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools[0].function.name", "expected a name without spaces"),
     ({**user("hi"), "chat_template_kwargs": {"enable_thinking": "yes"}}, 400,
      "chat_template_kwargs.enable_thinking", "expected true or false"),
     ({**user("hi"), "thinking_budget": -1}, 400, "thinking_budget", "≥ 0"),

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..errors import Qwen35Error
 from ..sampling import Sampling, default_sampling
+from ..tools import tool_schemas
 from .messages import ApiError, bad, check_utf8, parse_messages, shown
 
 __all__ = ["ApiError", "ChatParams", "Reply", "parse_chat", "parse_json"]
@@ -38,7 +39,7 @@ class ChatParams:
     settings: dict  # Settings fields: think, thinking_budget, sampling, seed
     max_tokens: Optional[int]  # None: up to the context
     stop: list[str]
-    tools: list[dict]
+    tools: list[dict]  # function schemas, checked
     tool_choice: str
     stream: bool
     include_usage: bool
@@ -119,7 +120,10 @@ def parse_chat(body: dict, model_id: str, allow_files: Optional[Path] = None) ->
     if not isinstance(include_usage, bool):
         raise bad("stream_options.include_usage", f"expected true or false, got {shown(include_usage)}")
 
-    tools = _typed(body, "tools", (list,), "a list of tools", [])
+    try:
+        tools = tool_schemas(_typed(body, "tools", (list,), "a list of function schemas", []))
+    except Qwen35Error as e:
+        raise ApiError.from_error(e) from None
     tool_choice = _typed(body, "tool_choice", (str,), '"auto" or "none"', "auto")
     if tool_choice not in TOOL_CHOICES:
         raise bad("tool_choice", f'expected "auto" or "none", got {shown(body["tool_choice"])}')
@@ -154,16 +158,37 @@ def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dic
 
 
 class Reply:
-    """One completion's identity, and its message as the pieces arrive."""
+    """One completion's identity, and its message as the pieces arrive.
+
+    A valid tool call becomes a ``tool_calls`` item (arguments as a JSON
+    string, as OpenAI sends them); an invalid one is shown as the markup the
+    model wrote, in the content, and its error is kept in ``invalid_calls``.
+    """
 
     def __init__(self, id: str, model: str):
         self.id, self.model, self.created = id, model, int(time.time())
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: list[dict] = []
+        self.invalid_calls: list[str] = []
+        self._markup: list[str] = []  # the call being written
 
     def add(self, piece) -> Optional[dict]:
         """The delta ``piece`` adds to the message (None: nothing to show)."""
+        if piece.kind == "tool_call":
+            self._markup.append(piece.text)
+            call = piece.call
+            if call is None:
+                return None
+            markup, self._markup = "".join(self._markup), []
+            if not call.valid:
+                self.invalid_calls.append(call.error)
+                self.content.append(markup)
+                return {"content": markup}
+            arguments = json.dumps(call.arguments, ensure_ascii=False)
+            item = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+            self.tool_calls.append(item)
+            return {"tool_calls": [{"index": len(self.tool_calls) - 1, **item}]}
         if not piece.text:
             return None
         if piece.kind == "reasoning":
@@ -173,6 +198,8 @@ class Reply:
         return {"content": piece.text}
 
     def finish_reason(self, result) -> str:
+        if result.finish_reason == "tool_calls" and not self.tool_calls:
+            return "stop"  # the calls were all invalid: shown as text
         return FINISH.get(result.finish_reason, "stop")
 
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:

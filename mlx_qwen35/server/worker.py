@@ -27,6 +27,7 @@ from ..engine import GenerationResult, prefill, run
 from ..errors import Qwen35Error
 from ..model import cache as hybrid
 from ..tokenizer import special_tokens
+from ..tools import CALL_OPEN
 from ..turn import Settings, prepare
 from .prompt_cache import PrefixStore
 from .protocol import ApiError, ChatParams
@@ -144,6 +145,7 @@ class Worker:
                 self.model, self.tokenizer = self._load()
                 self._special = special_tokens(self.tokenizer)
                 self._newline = self.tokenizer.encode("\n", add_special_tokens=False)
+                self._call_token = self.tokenizer.convert_tokens_to_ids(CALL_OPEN)
             except BaseException as e:  # noqa: BLE001 - raised again by start(), in the caller's thread
                 self._load_error = e
                 return
@@ -222,8 +224,15 @@ class Worker:
         """Render the prompt, restore its longest stored prefix, and start the generation."""
         p = job.params
         context = self.model.config.text.max_position_embeddings
-        settings = Settings(**p.settings, max_tokens=min(p.max_tokens or context, context), kv_bits=self.kv_bits)
-        turn = prepare(self.model, self.tokenizer, settings, p.messages, images=p.images, stop=p.stop)
+        settings = Settings(
+            **p.settings, max_tokens=min(p.max_tokens or context, context), kv_bits=self.kv_bits, tools=p.tools or None
+        )
+        processors = [*self.processors(job)] if self.processors is not None else []
+        if p.tool_choice == "none" and p.tools and self._call_token is not None:
+            processors.append(self._ban_calls)
+        turn = prepare(
+            self.model, self.tokenizer, settings, p.messages, images=p.images, stop=p.stop, processors=processors
+        )
         ids = turn.request.prompt.ids
         # Vision tokens stand for an image whose pixels are not in the ids: no reuse past the first.
         vision = (self.model.config.image_token_id, self.model.config.video_token_id)
@@ -242,12 +251,17 @@ class Worker:
             if n <= limit:
                 self.store.put(ids[:n], cache)
 
-        request = replace(turn.request, start=start)
+        # tool_choice "none": the tools are shown to the model, which may not call them.
+        request = replace(turn.request, start=start, tools=() if p.tool_choice == "none" else turn.request.tools)
         gen = run(
             self.model, self.tokenizer, request, cache,
             snapshot_at=[b for b in bounds if b > start], on_snapshot=snap,
         )
         return gen, ids, start, cache
+
+    def _ban_calls(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        """A logits processor: the model cannot open a tool call."""
+        return mx.where(mx.arange(logits.shape[-1]) == self._call_token, -mx.inf, logits)
 
     def _keep_reply(self, ids: list[int], r: GenerationResult, cache: list) -> None:
         """Store the state after the reply and its end, where the client's next message will start."""
