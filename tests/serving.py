@@ -81,7 +81,7 @@ def read_events(response, n: int) -> list[dict]:
     """The next ``n`` server-sent events' JSON."""
     out = []
     while len(out) < n:
-        line = response.fp.readline()
+        line = response.readline()
         assert line, "the stream ended early"
         if line.startswith(b"data: {"):
             out.append(json.loads(line[6:]))
