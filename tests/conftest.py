@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import TEXT, TEXT_GQA, VISION, build_hf_checkpoint, write_tiny_tokenizer  # noqa: E402
 from reference import REFERENCE  # noqa: E402
 
-pytest_plugins = ["tokenizer_fixture"]
+pytest_plugins = ["tokenizer_fixture", "serving"]
 
 
 def pytest_configure(config):

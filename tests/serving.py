@@ -108,11 +108,11 @@ class Records(logging.Handler):
             time.sleep(0.01)
 
 
-# Fixtures: a test module imports them, and gets its own worker (queue of 1) and server.
+# Fixtures (a plugin of conftest.py): each test module gets its own worker (a queue of 1) and server.
 
 
 @pytest.fixture(scope="module")
-def worker(chat_model):
+def server_worker(chat_model):
     w = Worker(lambda: chat_model, queue_size=1, cache_memory=1 << 30)
     w.start()
     yield w
@@ -120,13 +120,13 @@ def worker(chat_model):
 
 
 @pytest.fixture(scope="module")
-def served(worker):
-    with Served(worker, max_body=MAX_BODY) as s:
+def served(server_worker):
+    with Served(server_worker, max_body=MAX_BODY) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def log():
+def server_log():
     records, logger = Records(), logging.getLogger("mlx_qwen35.server")
     logger.addHandler(records)
     logger.setLevel(logging.INFO)

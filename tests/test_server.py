@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 
@@ -16,7 +15,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serving import MAX_BODY, MODEL_ID, TIMEOUT, Served, log, open_stream, read_events, served, worker  # noqa: F401
+from serving import MAX_BODY, MODEL_ID, TIMEOUT, Served, open_stream, read_events
 
 from mlx_qwen35.generate import generate
 from mlx_qwen35.sampling import Sampling
@@ -90,7 +89,7 @@ def png_data_url(seed: int = 0, size=(40, 32)) -> tuple[str, Image.Image]:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), image
 
 
-def test_images_from_data_urls_and_allowed_files(served, worker, chat_model, tmp_path):
+def test_images_from_data_urls_and_allowed_files(served, server_worker, chat_model, tmp_path):
     model, tok = chat_model
     question = {"type": "text", "text": "What is this?"}
     system = {"role": "system", "content": "Look closely."}
@@ -107,7 +106,7 @@ def test_images_from_data_urls_and_allowed_files(served, worker, chat_model, tmp
     allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
     allowed.mkdir(), elsewhere.mkdir()
     image.save(allowed / "a.png"), image.save(elsewhere / "b.png")
-    with Served(worker, allow_files=allowed) as files:
+    with Served(server_worker, allow_files=allowed) as files:
         for path in (f"file://{allowed / 'a.png'}", str(allowed / "a.png")):
             part = {"type": "image_url", "image_url": {"url": path}}
             body = {"messages": [{"role": "user", "content": [part, question]}], "max_tokens": 4, **GREEDY_FIELDS}
@@ -197,8 +196,8 @@ def test_routes_methods_models_and_health(served):
     assert status == 200 and health["status"] == "ok" and health["model"] == MODEL_ID
 
 
-def test_api_key(worker):
-    with Served(worker, api_key="sesame") as locked:
+def test_api_key(server_worker):
+    with Served(server_worker, api_key="sesame") as locked:
         body = user("hi")
         status, headers, reply = locked.post(body)
         assert status == 401 and reply["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
@@ -214,24 +213,24 @@ def test_api_key(worker):
 LONG = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 1000}
 
 
-def test_a_client_that_disconnects_stops_its_generation(served, log):
+def test_a_client_that_disconnects_stops_its_generation(served, server_log):
     conn, response = open_stream(served, LONG)
     first = read_events(response, 4)  # the role, then three pieces: the generation runs
     conn.sock.shutdown(2), conn.close()
     r = served.client().chat.completions.create(model=MODEL_ID, messages=SEA, max_tokens=2)
     assert r.choices[0].finish_reason == "length"
-    stats = log.stats(first[0]["id"])
+    stats = server_log.stats(first[0]["id"])
     assert stats["finish"] == "interrupted" and stats["generated"] < LONG["max_tokens"]
 
 
-def test_a_full_queue_answers_429_with_retry_after(served, worker):
+def test_a_full_queue_answers_429_with_retry_after(served, server_worker):
     conn, response = open_stream(served, LONG)
     read_events(response, 2)  # running: the queue (of 1) is empty
     waiting = {}
     second = threading.Thread(target=lambda: waiting.update(reply=served.post(user("hi"))))
     second.start()
     deadline = time.monotonic() + TIMEOUT
-    while worker.waiting < 1:
+    while server_worker.waiting < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     status, headers, reply = served.post(user("hi"))

@@ -28,7 +28,8 @@ def state_bytes(n: int) -> int:
     t = TEXT
     linear = t["layer_types"].count("linear_attention")
     attention = t["layer_types"].count("full_attention")
-    conv_dim = 2 * t["linear_num_key_heads"] * t["linear_key_head_dim"] + t["linear_num_value_heads"] * t["linear_value_head_dim"]
+    keys = t["linear_num_key_heads"] * t["linear_key_head_dim"]
+    conv_dim = 2 * keys + t["linear_num_value_heads"] * t["linear_value_head_dim"]
     conv = (t["linear_conv_kernel_dim"] - 1) * conv_dim
     recurrent = t["linear_num_value_heads"] * t["linear_value_head_dim"] * t["linear_key_head_dim"]
     kv = 2 * t["num_key_value_heads"] * t["head_dim"] * n

@@ -10,25 +10,28 @@ import json
 import mlx.core as mx
 import pytest
 from forcing import forcing
-from serving import MODEL_ID, served, worker  # noqa: F401
+from serving import MODEL_ID
 from test_tokenizer import WEATHER_TOOL
 
 TOOLS = [WEATHER_TOOL]
 ASK = [{"role": "user", "content": "What's the weather in Paris for the next days?"}]
 # Written as the chat template writes a call back, so that the next request's prompt starts with the reply.
-CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n[1, 2]\n</parameter>\n</function>\n</tool_call>"
+CALL = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=days>\n[1, 2]\n</parameter>\n</function>\n</tool_call>"
+)
 
 
 @pytest.fixture
-def steer(worker):
+def steer(server_worker):
     """``steer(text or processor)``: the worker's next requests write that; undone after the test."""
 
     def set_to(what):
-        processor = forcing(worker.tokenizer, what) if isinstance(what, str) else what
-        worker.processors = lambda job: [processor]
+        processor = forcing(server_worker.tokenizer, what) if isinstance(what, str) else what
+        server_worker.processors = lambda job: [processor]
 
     yield set_to
-    worker.processors = None
+    server_worker.processors = None
 
 
 def test_a_call_comes_back_as_tool_calls_streamed_or_not(served, steer, chat_model):

@@ -85,7 +85,8 @@ def serve(
     except OSError as e:
         fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
     p = plan_model(model, precision)
-    worker = Worker(lambda: load_plan(p, chat_template), queue_size=queue_size, cache_memory=cache_bytes, kv_bits=kv_bits)
+    load = lambda: load_plan(p, chat_template)  # noqa: E731 - runs on the worker's thread
+    worker = Worker(load, queue_size=queue_size, cache_memory=cache_bytes, kv_bits=kv_bits)
     with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
         run_or_fail(worker.start)
     model_id = model or DEFAULT_MODEL
@@ -98,7 +99,10 @@ def serve(
     except KeyboardInterrupt:
         pass  # uvicorn raises the signal again once it has shut down
     finally:
-        worker.stop()
+        try:
+            worker.stop()  # its job is cancelled: it ends at the next token, or the next message of a prefill
+        except KeyboardInterrupt:
+            fail("interrupted while the model was busy", 130)
     note("stopped")
 
 

@@ -88,7 +88,7 @@ def parse_messages(value: Any, allow_files: Optional[Path]) -> tuple[list[dict],
             if out["content"] is None and not out.get("tool_calls"):
                 raise bad(f"{field}.content", "null, and the message has no tool_calls")
         elif out["content"] is None:
-            raise bad(f"{field}.content", f"expected text or a list of content parts, got null")
+            raise bad(f"{field}.content", "expected text or a list of content parts, got null")
         messages.append(out)
     return messages, images
 

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from PIL import Image
 

@@ -205,7 +205,8 @@ class Worker:
                     gen.close()
                     break
         except Cancelled:
-            log.info("%s cancelled while its prompt was prefilled", job.id)
+            message = "cancelled while its prompt was prefilled (the client left, or the server is stopping)"
+            self._fail(job, ApiError(503, message))
             return
         except Qwen35Error as e:
             job.emit(Failed(ApiError.from_error(e)))
