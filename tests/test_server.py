@@ -66,6 +66,20 @@ def test_sampling_fields_left_out_come_from_the_model_cards_preset(served, chat_
     assert r.choices[0].message.content == expected.text
 
 
+def test_stop_strings_and_seeds_act_as_in_generate(served, chat_model):
+    model, tok = chat_model
+    full = generate(model, tok, SEA, sampling=GREEDY, max_tokens=8).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = generate(model, tok, SEA, sampling=GREEDY, max_tokens=8, stop=[stop])
+    client = served.client()
+    r = client.chat.completions.create(model=MODEL_ID, messages=SEA, max_tokens=8, stop=stop, **GREEDY_FIELDS)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected.text, "stop")
+    sampled = generate(model, tok, SEA, max_tokens=6, seed=7)  # the instruct preset, sampled
+    for _ in range(2):
+        r = client.chat.completions.create(model=MODEL_ID, messages=SEA, max_tokens=6, seed=7)
+        assert r.choices[0].message.content == sampled.text
+
+
 def test_reasoning_is_separated_when_thinking_is_on(served, chat_model):
     model, tok = chat_model
     messages = [{"role": "user", "content": "Why is the sky blue?"}]
