@@ -12,7 +12,7 @@ from checkpoints import TEXT
 from mlx_qwen35.engine import Request, prefill, run
 from mlx_qwen35.media import PromptInputs
 from mlx_qwen35.sampling import Sampling
-from mlx_qwen35.server.prompt_cache import PrefixStore
+from mlx_qwen35.server.prompt_cache import PrefixStore, key_of, prefix_keys
 from mlx_qwen35.tokenizer import render_prompt
 
 CONVERSATION = [
@@ -44,24 +44,29 @@ def prompt(chat_model):
     return ids, [i for i, t in enumerate(ids) if t == im_start and i > 0]
 
 
-def stored(model, ids, n, store) -> None:
-    cache = model.make_cache()
+def stored(model, ids, n, store, kv_bits=None) -> None:
+    cache = model.make_cache(kv_bits)
     prefill(model, ids[:n], cache)
     mx.eval([c.state for c in cache])
-    store.put(ids[:n], cache)
+    store.put(key_of(ids[:n]), n, cache)
 
 
-def test_a_restored_prefix_continues_as_a_full_prefill(chat_model, prompt):
+def lookup(store, ids, bounds):
+    return store.lookup(prefix_keys(ids, bounds))
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_a_restored_prefix_continues_as_a_full_prefill(chat_model, prompt, kv_bits):
     model, _ = chat_model
     ids, bounds = prompt
     store = PrefixStore(1 << 30)
     n = bounds[1]  # before the assistant's message
-    stored(model, ids, n, store)
-    entry = store.lookup(ids, bounds)
+    stored(model, ids, n, store, kv_bits)
+    entry = lookup(store, ids, bounds)
     assert entry.n == n
-    cache = model.make_cache()
+    cache = model.make_cache(kv_bits)
     store.restore(entry, cache)
-    full = prefill(model, ids, model.make_cache())
+    full = prefill(model, ids, model.make_cache(kv_bits))
     np.testing.assert_allclose(np.array(prefill(model, ids[n:], cache)), np.array(full), rtol=1e-5, atol=1e-5)
 
 
@@ -82,14 +87,14 @@ def test_lookup_finds_the_longest_stored_prefix_among_the_boundaries(chat_model,
     model, _ = chat_model
     ids, bounds = prompt
     store = PrefixStore(1 << 30)
-    assert store.lookup(ids, bounds) is None
+    assert lookup(store, ids, bounds) is None
     stored(model, ids, bounds[0], store)
     stored(model, ids, bounds[2], store)
-    assert store.lookup(ids, bounds).n == bounds[2]
-    assert store.lookup(ids, bounds[:2]).n == bounds[0]  # the boundaries bound what may be restored
+    assert lookup(store, ids, bounds).n == bounds[2]
+    assert lookup(store, ids, bounds[:2]).n == bounds[0]  # the boundaries bound what may be restored
     other = list(ids)
     other[1] += 1  # another conversation with the same length
-    assert store.lookup(other, bounds) is None
+    assert lookup(store, other, bounds) is None
 
 
 def test_least_recently_used_entries_go_past_the_budget(chat_model, prompt):
@@ -99,7 +104,7 @@ def test_least_recently_used_entries_go_past_the_budget(chat_model, prompt):
     store = PrefixStore(state_bytes(a) + state_bytes(b) + state_bytes(c) - 1)
     for n in (a, b):
         stored(model, ids, n, store)
-    assert store.lookup(ids, [a]).n == a  # a is now the most recently used
+    assert lookup(store, ids, [a]).n == a  # a is now the most recently used
     stored(model, ids, c, store)
     assert [e.n for e in store.entries.values()] == [a, c]
     assert store.nbytes == state_bytes(a) + state_bytes(c)
@@ -114,7 +119,7 @@ def test_a_restored_request_does_not_change_the_stored_state(chat_model, prompt)
     store = PrefixStore(1 << 30)
     n = bounds[1]
     stored(model, ids, n, store)
-    entry = store.lookup(ids, bounds)
+    entry = lookup(store, ids, bounds)
     before = [{k: np.array(a) for k, a in state.items()} for state, _ in entry.layers]
     cache = model.make_cache()
     store.restore(entry, cache)

@@ -55,9 +55,8 @@ class PrefixStore:
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.nbytes = 0
 
-    def put(self, ids: Sequence[int], cache: list[Any]) -> None:
-        """Keep ``cache``, which holds exactly the tokens ``ids``."""
-        key = key_of(ids)
+    def put(self, key: bytes, n: int, cache: list[Any]) -> None:
+        """Keep ``cache``, which holds the ``n`` prompt tokens whose key is ``key``."""
         if key in self.entries:
             self.entries.move_to_end(key)
             return
@@ -68,15 +67,15 @@ class PrefixStore:
         nbytes = sum(a.nbytes for state, _ in layers for a in state.values())
         if nbytes > self.budget:
             return
-        self.entries[key] = Entry(len(ids), layers, nbytes)
+        self.entries[key] = Entry(n, layers, nbytes)
         self.nbytes += nbytes
         while self.nbytes > self.budget:
             _, old = self.entries.popitem(last=False)
             self.nbytes -= old.nbytes
 
-    def lookup(self, ids: Sequence[int], boundaries: Iterable[int]) -> Optional[Entry]:
-        """The entry of the longest prefix ``ids[:n]`` stored, ``n`` among ``boundaries``."""
-        for n, key in reversed(prefix_keys(ids, boundaries)):
+    def lookup(self, keys: Iterable[tuple[int, bytes]]) -> Optional[Entry]:
+        """The entry of the longest prefix stored, among ``keys`` (:func:`prefix_keys` of a prompt)."""
+        for n, key in sorted(keys, reverse=True):
             entry = self.entries.get(key)
             if entry is not None and entry.n == n:
                 self.entries.move_to_end(key)

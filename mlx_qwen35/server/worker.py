@@ -29,7 +29,7 @@ from ..model import cache as hybrid
 from ..tokenizer import special_tokens
 from ..tools import CALL_OPEN
 from ..turn import Settings, prepare
-from .prompt_cache import PrefixStore
+from .prompt_cache import PrefixStore, key_of, prefix_keys
 from .protocol import ApiError, ChatParams
 
 log = logging.getLogger("mlx_qwen35.server")
@@ -146,6 +146,7 @@ class Worker:
                 self._special = special_tokens(self.tokenizer)
                 self._newline = self.tokenizer.encode("\n", add_special_tokens=False)
                 self._call_token = self.tokenizer.convert_tokens_to_ids(CALL_OPEN)
+                self._im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
             except BaseException as e:  # noqa: BLE001 - raised again by start(), in the caller's thread
                 self._load_error = e
                 return
@@ -187,33 +188,14 @@ class Worker:
             return
         try:
             gen, ids, start, cache = self._begin(job)
-        except ApiError as e:
-            self._fail(job, e)
-            return
-        except Qwen35Error as e:
-            self._fail(job, ApiError.from_error(e))
-            return
-        except Exception as e:  # noqa: BLE001 - a bug answers 500; the server stays up
-            log.exception("%s failed", job.id)
-            self._fail(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
-            return
-        job.emit(Started(len(ids), start))
-        try:
+            job.emit(Started(len(ids), start))
             for piece in gen:
                 job.emit(piece)
                 if job.cancelled.is_set():
                     gen.close()
                     break
-        except Cancelled:
-            message = "cancelled while its prompt was prefilled (the client left, or the server is stopping)"
-            self._fail(job, ApiError(503, message))
-            return
-        except Qwen35Error as e:
-            job.emit(Failed(ApiError.from_error(e)))
-            return
-        except Exception as e:  # noqa: BLE001
-            log.exception("%s failed", job.id)
-            job.emit(Failed(ApiError(500, f"internal error: {type(e).__name__}: {e}")))
+        except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer and the server stays up
+            self._fail(job, self._api_error(job, e))
             return
         result = gen.result
         if not job.params.images and result.finish_reason != "interrupted":
@@ -238,9 +220,10 @@ class Worker:
         # Vision tokens stand for an image whose pixels are not in the ids: no reuse past the first.
         vision = (self.model.config.image_token_id, self.model.config.video_token_id)
         limit = next((i for i, t in enumerate(ids) if t in vision), len(ids) - 1)
-        bounds = [i for i, t in enumerate(ids) if t == self._special.im_start and 0 < i]
+        bounds = [i for i, t in enumerate(ids) if t == self._special.im_start and 0 < i <= limit]
+        keys = dict(prefix_keys(ids, bounds))
         cache = self.model.make_cache(self.kv_bits)
-        entry = self.store.lookup(ids, [b for b in bounds if b <= limit])
+        entry = self.store.lookup(keys.items())
         start = 0
         if entry is not None:
             self.store.restore(entry, cache)
@@ -249,8 +232,7 @@ class Worker:
         def snap(n: int) -> None:
             if job.cancelled.is_set():
                 raise Cancelled
-            if n <= limit:
-                self.store.put(ids[:n], cache)
+            self.store.put(keys[n], n, cache)
 
         # tool_choice "none": the tools are shown to the model, which may not call them.
         request = replace(turn.request, start=start, tools=() if p.tool_choice == "none" else turn.request.tools)
@@ -260,18 +242,30 @@ class Worker:
         )
         return gen, ids, start, cache
 
+    @staticmethod
+    def _api_error(job: Job, e: Exception) -> ApiError:
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, Qwen35Error):
+            return ApiError.from_error(e)
+        if isinstance(e, Cancelled):
+            return ApiError(503, "cancelled during its prefill (the client left, or the server is stopping)")
+        log.exception("%s failed", job.id)  # a bug: answered 500
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}")
+
     def _ban_calls(self, tokens: mx.array, logits: mx.array) -> mx.array:
         """A logits processor: the model cannot open a tool call."""
         return mx.where(mx.arange(logits.shape[-1]) == self._call_token, -mx.inf, logits)
 
     def _keep_reply(self, ids: list[int], r: GenerationResult, cache: list) -> None:
         """Store the state after the reply and its end, where the client's next message will start."""
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        im_end = self._im_end
         if not r.tokens or r.tokens[-1] != im_end or hybrid.offset(cache) != len(ids) + len(r.tokens) - 1:
             return
         prefill(self.model, [im_end, *self._newline], cache)
         mx.eval([c.state for c in cache])
-        self.store.put(ids + r.tokens + self._newline, cache)
+        held = ids + r.tokens + self._newline
+        self.store.put(key_of(held), len(held), cache)
 
     def _fail(self, job: Job, error: ApiError) -> None:
         log.info("%s %d %s", job.id, error.status, error.message)
