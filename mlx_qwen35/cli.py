@@ -1,4 +1,4 @@
-"""The ``mlx_qwen35`` command line: convert, chat, generate, info.
+"""The ``mlx_qwen35`` command line: convert, chat, generate, serve, info.
 
 Heavy imports (MLX, mlx-lm, the tokenizer) happen inside the commands, so
 ``--help`` answers at once. Bad input of any kind ends in one ``error:`` line
@@ -23,7 +23,7 @@ from .errors import Qwen35Error
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Qwen3.5 on MLX: chat, generate, convert checkpoints, inspect memory.",
+    help="Qwen3.5 on MLX: chat, generate, serve an OpenAI-compatible API, convert checkpoints, inspect memory.",
 )
 err = Console(stderr=True, soft_wrap=True)
 json_errors = False  # generate --json: an error is also one JSON object on stdout
@@ -31,7 +31,7 @@ json_errors = False  # generate --json: an error is also one JSON object on stdo
 
 @app.callback()
 def _group() -> None:
-    """Qwen3.5 on MLX: chat, generate, convert checkpoints, inspect memory.
+    """Qwen3.5 on MLX: chat, generate, serve an OpenAI-compatible API, convert checkpoints, inspect memory.
 
     Start with `mlx_qwen35 chat`; every command has --help.
     """
