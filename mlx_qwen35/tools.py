@@ -69,7 +69,8 @@ def _schema_of(tool: Tool, where: str) -> dict:
     expected = 'an OpenAI function schema {"type": "function", "function": {"name": ..., "parameters": {...}}}'
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(function, dict) or tool.get("type", "function") != "function":
-        raise Qwen35Error(f"{where}: expected {expected} or a Python function, got {json.dumps(tool, default=repr)[:80]}")
+        got = json.dumps(tool, default=repr)[:80]
+        raise Qwen35Error(f"{where}: expected {expected} or a Python function, got {got}")
     name = function.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[^\s<>]+", name):
         raise Qwen35Error(f"{where}.function.name: expected a name without spaces or <>, got {name!r}")
