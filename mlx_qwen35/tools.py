@@ -211,6 +211,35 @@ _WORDS = {
     "array": "a JSON array",
 }
 
+def result_messages(calls: Sequence[dict], results: Sequence) -> list[dict]:
+    """The ``tool`` messages answering ``calls`` (an assistant message's ``tool_calls``): one result per call, in order.
+
+    A result is text (anything else is sent as JSON), or a dict with
+    ``content`` and optionally ``tool_call_id`` or ``name``, which must be the call's.
+    """
+    if isinstance(results, (str, dict)) or not isinstance(results, Sequence):
+        raise Qwen35Error(f"tool results: expected a list, one result per call, got {results!r:.60}")
+    if not calls:
+        raise Qwen35Error("tool results: the last reply called no tools")
+    if len(results) != len(calls):
+        raise Qwen35Error(f"tool results: {len(results)} given for the last reply's {len(calls)} calls")
+    out = []
+    for i, (call, result) in enumerate(zip(calls, results)):
+        ids = {"tool_call_id": call["id"], "name": call["function"]["name"]}
+        content = result
+        if isinstance(result, dict):
+            if "content" not in result:
+                raise Qwen35Error(f"tool results[{i}]: expected 'content' (and optionally 'tool_call_id' or 'name')")
+            for key, expected in ids.items():
+                if key in result and result[key] != expected:
+                    raise Qwen35Error(f"tool results[{i}].{key}: {result[key]!r}, but the call's is {expected!r}")
+            content = result["content"]
+        if not isinstance(content, str):
+            content = json.dumps(content, ensure_ascii=False, default=str)
+        out.append({"role": "tool", **ids, "content": content})
+    return out
+
+
 Kind = Literal["answer", "tool_call"]
 
 
