@@ -47,7 +47,7 @@ def tool_schemas(tools: Optional[Iterable[Tool]]) -> list[dict]:
         raise Qwen35Error(f"tools: expected a list of function schemas or Python functions, got {tools!r:.80}")
     schemas, names = [], set()
     for i, tool in enumerate(tools):
-        schema = _schema_of(tool, f"tools[{i}]")
+        schema = schema_of(tool, f"tools[{i}]")
         name = schema["function"]["name"]
         if name in names:
             raise Qwen35Error(f"tools[{i}]: a second tool named {name!r}")
@@ -56,7 +56,8 @@ def tool_schemas(tools: Optional[Iterable[Tool]]) -> list[dict]:
     return schemas
 
 
-def _schema_of(tool: Tool, where: str) -> dict:
+def schema_of(tool: Tool, where: str) -> dict:
+    """One tool's schema (see :func:`tool_schemas`); errors name it as ``where``."""
     if callable(tool):
         from transformers.utils import get_json_schema  # slow to import; only functions need it
 
