@@ -105,16 +105,18 @@ def load(cls, path: Union[str, Path], model, tokenizer, tools=None):
     meta, arrays = _read_session(path)
     if meta.get("format") != SESSION_FORMAT:
         raise Qwen35Error(f"{path}: not an mlx_qwen35 session file")
-    if meta.get("version") != SESSION_VERSION:
+    if meta.get("version") not in (2, SESSION_VERSION):
         raise Qwen35Error(
-            f"{path}: session format version {meta.get('version')}; this mlx_qwen35 reads {SESSION_VERSION}"
+            f"{path}: session format version {meta.get('version')}; this mlx_qwen35 reads 2 and {SESSION_VERSION}"
         )
-    _check_meta(path, meta, len(model.make_cache()))
-    if meta["model"] != model_identity(model):
-        raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
     digest = meta.pop("digest", None)
     if digest != _digest(meta, arrays):
         raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
+    if meta["version"] == 2 and isinstance(meta.get("settings"), dict):  # before tools: none, and no reply kept
+        meta = {**meta, "reply_tokens": [], "settings": {**meta["settings"], "tools": None}}
+    _check_meta(path, meta, len(model.make_cache()))
+    if meta["model"] != model_identity(model):
+        raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
     settings = dict(meta["settings"])
     settings["sampling"] = None if settings["sampling"] is None else Sampling(**settings["sampling"])
     settings["tools"] = _bind(settings["tools"], tools)
