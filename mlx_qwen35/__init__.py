@@ -12,6 +12,18 @@
     chat.ask("Name a prime number.")
     chat.ask("And the next one?")  # only the new tokens are prefilled
 
+    def add(a: int, b: int) -> int:
+        '''Add two numbers.
+
+        Args:
+            a: The first.
+            b: The second.
+        '''
+        return a + b
+
+    chat = mlx_qwen35.Chat(model, tokenizer, tools=[add])
+    print(mlx_qwen35.ask_with_tools(chat, "What is 17 + 25?").text)  # the model calls add
+
 The names below are imported on first use: MLX, mlx-lm and the tokenizer
 take seconds to import, which ``import mlx_qwen35`` (and the command line's
 ``--help``) should not pay.
@@ -35,6 +47,7 @@ if TYPE_CHECKING:
     from .quant import QuantSpec
     from .sampling import PRESETS, Sampling
     from .stream import Piece
+    from .tool_loop import ask_with_tools
     from .tools import ToolCall, tool_schemas
 
 _LAZY = {
@@ -49,6 +62,7 @@ _LAZY = {
     "ToolCall": "tools",
     "tool_schemas": "tools",
     "Chat": "chat",
+    "ask_with_tools": "tool_loop",
     "convert": "convert",
     "QuantSpec": "quant",
 }

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .cli_options import PRECISION, DType, Precision, QMode, check_text, settings_from, with_shared_options
+from .cli_tools import call_json, call_line, result_line
 from .errors import Qwen35Error
 
 app = typer.Typer(
@@ -212,7 +213,8 @@ def chat(
     if not interactive and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     read = terminal_reader(cache_root() / "history") if interactive else plain_reader
-    note(f"thinking {'on' if settings['think'] else 'off'} │ /help for commands, Ctrl-D to leave")
+    tools = f"tools {', '.join(f.__name__ for f in settings['tools'])} │ " if settings["tools"] else ""
+    note(f"{tools}thinking {'on' if settings['think'] else 'off'} │ /help for commands, Ctrl-D to leave")
     with wired(m):
         Repl(conversation, console=console, read=read).run()
 
@@ -233,7 +235,7 @@ def generate(
         [], "--video", help="A video: an animated GIF or a folder of frames (repeatable)."
     ),
     as_json: bool = typer.Option(
-        False, "--json", help="Print one JSON object (reasoning, text, finish_reason, stats) instead of streaming."
+        False, "--json", help="Print one JSON object (reasoning, text, finish_reason, stats, tool_calls), not a stream."
     ),
     **shared,
 ):
@@ -242,9 +244,11 @@ def generate(
     The answer streams to stdout; reasoning (with --think) goes to stderr,
     dimmed, and so do the figures, so stdout holds only the answer.
     With --json nothing streams and stdout gets one JSON object.
+    With --tools, the model's calls run, and their results go back to it.
     """
     from .documents import document_message, read_stdin
     from .repl import stats_line
+    from .tool_loop import tool_rounds
 
     global json_errors
     json_errors = as_json
@@ -270,20 +274,27 @@ def generate(
     conversation = make_chat(m, tokenizer, max_tokens=capped_max_tokens(max_tokens, context), **settings)
     gen = run_or_fail(conversation.send, message, images=image, videos=video, stop=stop)
     open_line = {"reasoning": False, "answer": False}  # text written without a final newline
+    calls = []  # every call, with its result once it ran
     try:
         with wired(m):
-            for piece in gen:
+            for results, gen in tool_rounds(conversation, gen, stop=stop):
+                calls += [call_json(call, text) for call, text in results]
                 if not as_json:
-                    write_piece(piece, open_line)
+                    write_results(results, open_line)
+                for piece in gen:
+                    if not as_json:
+                        write_piece(piece, open_line)
     except KeyboardInterrupt:
         gen.close()
     except Qwen35Error as e:
         fail(str(e))
     r = gen.result
+    calls += [call_json(call) for call in r.tool_calls]  # the last reply's calls did not run
     if as_json:
         stats = ("prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps", "generation_tps")
         stats = {k: getattr(r, k) for k in (*stats, "peak_memory_gb")}
         reply = {"reasoning": r.reasoning, "text": r.text, "finish_reason": r.finish_reason, "stats": stats}
+        reply["tool_calls"] = calls
         json.dump(reply, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     elif open_line["answer"]:
@@ -297,8 +308,8 @@ def generate(
 
 
 def write_piece(piece, open_line: dict) -> None:
-    """The answer to stdout, the reasoning dimmed to stderr; ``open_line``: whether each ends without a newline."""
-    if not piece.text:
+    """The answer to stdout; reasoning (dimmed) and tool calls to stderr; ``open_line``: which ends mid-line."""
+    if not piece.text and piece.call is None:
         return
     if piece.kind == "reasoning":
         err.print(Text(piece.text, style="dim"), end="")
@@ -306,9 +317,22 @@ def write_piece(piece, open_line: dict) -> None:
         if open_line["reasoning"]:
             err.print()
             open_line["reasoning"] = False
+        if piece.kind == "tool_call":
+            if piece.call is not None:
+                note(call_line(piece.call))
+            return
         sys.stdout.write(piece.text)
         sys.stdout.flush()
     open_line[piece.kind] = not piece.text.endswith("\n")
+
+
+def write_results(results, open_line: dict) -> None:
+    """Each tool result as a dimmed line on stderr; the answer so far ends its line first."""
+    if results and open_line["answer"]:
+        sys.stdout.write("\n")
+        open_line["answer"] = False
+    for _, text in results:
+        note(result_line(text))
 
 
 @app.command()

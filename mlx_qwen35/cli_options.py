@@ -87,6 +87,13 @@ def _shared_options(
         help="Jinja chat template file replacing the checkpoint's own.",
         show_default=False,
     ),
+    tools: Optional[Path] = typer.Option(
+        None,
+        "--tools",
+        help="A Python file whose public functions the model may call; they run when it does, "
+        "and their results go back to it.",
+        show_default=False,
+    ),
 ) -> None:
     """The options chat and generate share; only its signature is used (by :func:`with_shared_options`)."""
 
@@ -104,6 +111,7 @@ def settings_from(shared: dict) -> dict:
     """The Chat settings the shared options give, but ``max_tokens``; bad values fail here, before loading."""
     from dataclasses import fields, replace
 
+    from .cli_tools import load_tools
     from .model.cache import KV_BITS
     from .sampling import Sampling, default_sampling, preset
     from .turn import Settings
@@ -117,7 +125,8 @@ def settings_from(shared: dict) -> dict:
     if shared["kv_bits"] is not None and shared["kv_bits"] not in KV_BITS:
         raise Qwen35Error(f"--kv-bits: {shared['kv_bits']} is not one of {', '.join(map(str, KV_BITS))}")
     check_text("--system", shared["system"])
-    return {f.name: shared[f.name] for f in fields(Settings) if f.name in shared} | {"sampling": sampling}
+    settings = {f.name: shared[f.name] for f in fields(Settings) if f.name in shared}
+    return settings | {"sampling": sampling, "tools": load_tools(shared["tools"])}
 
 
 def check_text(name: str, value: Optional[str]) -> None:

@@ -156,7 +156,8 @@ class Request:
     seed: Optional[int] = None
     start: int = 0
     tools: Sequence[dict] = ()  # function schemas: the reply's tool calls are parsed when there are any
-    processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = ()  # (tokens, logits) → logits, after the penalties
+    # extra logits processors (tokens, logits) → logits, run after the penalties
+    processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = ()
 
     def __post_init__(self):
         if self.max_tokens < 1:

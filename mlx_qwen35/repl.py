@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from rich.console import Console
 from rich.text import Text
 
+from .cli_tools import call_line, result_line
 from .documents import document_message
 from .errors import Qwen35Error
 from .processor import load_image
@@ -46,7 +47,8 @@ Several lines: end a line with \\ to continue on the next, or press Esc then Ent
 (Alt+Enter) for a new line; pasted text keeps its lines. Start a message with //
 to send a line that begins with /.
 Ctrl-C stops the answer being written (the conversation keeps what was written)
-or clears the line being typed. Arrow keys recall earlier input."""
+or clears the line being typed. Arrow keys recall earlier input. With --tools,
+the model's calls run and their results go back to it (shown dimmed)."""
 
 
 def rate(tokens_per_s: float) -> str:
@@ -116,6 +118,7 @@ class Repl:
         self.read = read
         self.recovery = recovery or cache_root() / "recovered"  # where an unexpected failure saves the conversation
         self.totals = Totals()
+        self.tools = chat.tools  # kept across /load: a session keeps only the tools' schemas
         self.attached: dict[str, list] = {"images": [], "videos": []}  # for the next message
         self.commands: dict[str, Callable[[str], Optional[bool]]] = {
             "think": self.cmd_think,
@@ -187,18 +190,33 @@ class Repl:
         return True
 
     def send(self, content: str) -> None:
-        """One turn: stream the reply, then its figures."""
+        """One turn: stream the reply, then its figures; tool calls run and their results go back, for a few rounds."""
+        from .tool_loop import tool_rounds  # imports MLX
+
         attached, self.attached = self.attached, {"images": [], "videos": []}
         try:
             gen = self.chat.send(content, **attached)
         except Qwen35Error as e:
             self.error(str(e))
             return
+        for results, gen in tool_rounds(self.chat, gen):
+            for _, text in results:
+                self.note(result_line(text))
+            if not self.stream(gen):
+                return
+
+    def stream(self, gen) -> bool:
+        """Write a reply as it streams, then its figures; False if it was interrupted."""
         shown = None  # the kind of text being written
         fresh = True  # nothing of that kind written yet: leading newlines dropped
         interrupted = False
         try:
             for piece in gen:
+                if piece.call is not None:  # a call shows as one line, once parsed
+                    self.note(("\n" if shown else "") + call_line(piece.call))
+                    shown = None
+                if piece.kind == "tool_call":
+                    continue
                 if piece.kind != shown:
                     if piece.kind == "reasoning":
                         self.out.print(Text("thinking…", style="dim italic"))
@@ -223,6 +241,7 @@ class Repl:
         if r is not None:
             self.totals.add(r)
             self.out.print(Text(stats_line(r), style="dim"))
+        return not interrupted
 
     def error(self, message: str) -> None:
         self.out.print(Text(f"error: {message}", style="red"))
@@ -320,6 +339,8 @@ class Repl:
         if not arg:
             raise Qwen35Error("/load: expected a PATH")
         self.chat = type(self.chat).load(Path(arg).expanduser(), self.chat.model, self.chat.tokenizer)
+        if self.tools:
+            self.chat.tools = self.tools
         c = self.chat
         self.note(
             f"resumed {len(c.messages)} messages │ thinking {'on' if c.think else 'off'}"

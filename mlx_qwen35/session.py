@@ -5,7 +5,8 @@ The file holds the cache and its snapshots through the cache protocol
 arrays are ``cache.{i}.{name}``, snapshot ``j``'s ``snap.{j}.{i}.{name}``, and
 the layers' meta states are the ``kv_offsets``. The metadata carries a format
 version, a fingerprint of the model and a checksum of everything; the file is
-written atomically.
+written atomically. Tools are saved as their schemas: Python functions are
+bound again by name when the session is loaded with them.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from mlx.utils import tree_flatten
 from .errors import Qwen35Error
 from .media import Media
 from .sampling import Sampling
+from .tools import tool_schemas
 from .turn import Settings
 from .weights import check_safetensors
 
 SESSION_FORMAT = "mlx_qwen35.session"
-SESSION_VERSION = 2  # 2: the model fingerprint samples every text weight
+SESSION_VERSION = 3  # 2: the model fingerprint samples every text weight; 3: tools and the reply tokens
 
 
 def model_identity(model, samples: int = 1024) -> str:
@@ -64,6 +66,7 @@ def save(chat, path: Union[str, Path]) -> Path:
         arrays[f"media.{j}"] = m.encode(chat.model)
     settings = {f.name: getattr(chat, f.name) for f in fields(Settings)}
     settings["sampling"] = None if chat.sampling is None else vars(chat.sampling)
+    settings["tools"] = tool_schemas(chat.tools) or None
     meta = {
         "format": SESSION_FORMAT,
         "version": SESSION_VERSION,
@@ -71,6 +74,7 @@ def save(chat, path: Union[str, Path]) -> Path:
         "messages": chat.messages,
         "settings": settings,
         "tokens": chat.tokens,
+        "reply_tokens": chat.reply_tokens,
         "snapshots": [n for n, _ in chat.snapshots],
         "media": [{"kind": m.kind, "grid": m.grid.tolist(), "timestamps": m.timestamps} for m in chat.media],
         "kv_offsets": [c.meta_state for c in chat.cache],
@@ -92,27 +96,33 @@ def save(chat, path: Union[str, Path]) -> Path:
     return path
 
 
-def load(cls, path: Union[str, Path], model, tokenizer):
-    """A ``cls`` (a :class:`~mlx_qwen35.chat.Chat`) resumed from ``path`` with ``model``, exactly where it stopped."""
+def load(cls, path: Union[str, Path], model, tokenizer, tools=None):
+    """A ``cls`` (a :class:`~mlx_qwen35.chat.Chat`) resumed from ``path`` with ``model``, exactly where it stopped.
+
+    ``tools``: Python functions that replace the saved tool schemas of the same name.
+    """
     path = Path(path)
     meta, arrays = _read_session(path)
     if meta.get("format") != SESSION_FORMAT:
         raise Qwen35Error(f"{path}: not an mlx_qwen35 session file")
-    if meta.get("version") != SESSION_VERSION:
+    if meta.get("version") not in (2, SESSION_VERSION):
         raise Qwen35Error(
-            f"{path}: session format version {meta.get('version')}; this mlx_qwen35 reads {SESSION_VERSION}"
+            f"{path}: session format version {meta.get('version')}; this mlx_qwen35 reads 2 and {SESSION_VERSION}"
         )
-    _check_meta(path, meta, len(model.make_cache()))
-    if meta["model"] != model_identity(model):
-        raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
     digest = meta.pop("digest", None)
     if digest != _digest(meta, arrays):
         raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
+    if meta["version"] == 2 and isinstance(meta.get("settings"), dict):  # before tools: none, and no reply kept
+        meta = {**meta, "reply_tokens": [], "settings": {**meta["settings"], "tools": None}}
+    _check_meta(path, meta, len(model.make_cache()))
+    if meta["model"] != model_identity(model):
+        raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
     settings = dict(meta["settings"])
     settings["sampling"] = None if settings["sampling"] is None else Sampling(**settings["sampling"])
+    settings["tools"] = _bind(settings["tools"], tools)
     chat = cls(model, tokenizer, **settings)
     chat.messages = meta["messages"]
-    chat.tokens = meta["tokens"]
+    chat.tokens, chat.reply_tokens = meta["tokens"], meta["reply_tokens"]
     layers = _by_layer(arrays)
     try:
         chat.media = [
@@ -129,6 +139,18 @@ def load(cls, path: Union[str, Path], model, tokenizer):
         (n, [layers[f"snap.{j}"][i] for i in range(len(chat.cache))]) for j, n in enumerate(meta["snapshots"])
     ]
     return chat
+
+
+def _bind(saved, functions):
+    """The saved tool schemas, each replaced by the function of ``functions`` with its name."""
+    if not functions:
+        return saved
+    names = [s["function"]["name"] for s in saved or ()]
+    given = dict(zip((s["function"]["name"] for s in tool_schemas(functions)), functions))
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise Qwen35Error(f"tools: {unknown[0]!r} is not one of the session's tools ({', '.join(names) or 'none'})")
+    return [given.get(name, schema) for name, schema in zip(names, saved)]
 
 
 def _layer_arrays(prefix: str, states: list[dict]) -> dict[str, mx.array]:
@@ -154,6 +176,7 @@ _META = {
     "messages": ([dict], "a list of messages"),
     "settings": (dict, "an object"),
     "tokens": ([int], "a list of token ids"),
+    "reply_tokens": ([int], "a list of token ids"),
     "snapshots": ([int], "a list of token offsets"),
     "media": ([dict], "a list of objects"),
     "kv_offsets": ([_INTS], "a list of offsets (or null)"),
@@ -198,6 +221,10 @@ def _check_meta(path: Path, meta: dict, layers: int) -> None:
             Sampling(**sampling)
         except Qwen35Error as e:
             raise Qwen35Error(f"{path}: session metadata 'settings.sampling': {e}") from None
+    try:
+        tool_schemas(meta["settings"]["tools"])
+    except Qwen35Error as e:
+        raise Qwen35Error(f"{path}: session metadata 'settings.tools': {e}") from None
     for j, m in enumerate(meta["media"]):
         check(f"media.{j}.", m, _MEDIA)
     for j, m in enumerate(meta["messages"]):

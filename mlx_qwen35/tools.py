@@ -47,7 +47,7 @@ def tool_schemas(tools: Optional[Iterable[Tool]]) -> list[dict]:
         raise Qwen35Error(f"tools: expected a list of function schemas or Python functions, got {tools!r:.80}")
     schemas, names = [], set()
     for i, tool in enumerate(tools):
-        schema = _schema_of(tool, f"tools[{i}]")
+        schema = schema_of(tool, f"tools[{i}]")
         name = schema["function"]["name"]
         if name in names:
             raise Qwen35Error(f"tools[{i}]: a second tool named {name!r}")
@@ -56,7 +56,8 @@ def tool_schemas(tools: Optional[Iterable[Tool]]) -> list[dict]:
     return schemas
 
 
-def _schema_of(tool: Tool, where: str) -> dict:
+def schema_of(tool: Tool, where: str) -> dict:
+    """One tool's schema (see :func:`tool_schemas`); errors name it as ``where``."""
     if callable(tool):
         from transformers.utils import get_json_schema  # slow to import; only functions need it
 
@@ -69,7 +70,8 @@ def _schema_of(tool: Tool, where: str) -> dict:
     expected = 'an OpenAI function schema {"type": "function", "function": {"name": ..., "parameters": {...}}}'
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(function, dict) or tool.get("type", "function") != "function":
-        raise Qwen35Error(f"{where}: expected {expected} or a Python function, got {json.dumps(tool, default=repr)[:80]}")
+        got = json.dumps(tool, default=repr)[:80]
+        raise Qwen35Error(f"{where}: expected {expected} or a Python function, got {got}")
     name = function.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[^\s<>]+", name):
         raise Qwen35Error(f"{where}.function.name: expected a name without spaces or <>, got {name!r}")
@@ -209,6 +211,35 @@ _WORDS = {
     "object": "a JSON object",
     "array": "a JSON array",
 }
+
+def result_messages(calls: Sequence[dict], results: Sequence) -> list[dict]:
+    """The ``tool`` messages answering ``calls`` (an assistant message's ``tool_calls``): one result per call, in order.
+
+    A result is text (anything else is sent as JSON), or a dict with
+    ``content`` and optionally ``tool_call_id`` or ``name``, which must be the call's.
+    """
+    if isinstance(results, (str, dict)) or not isinstance(results, Sequence):
+        raise Qwen35Error(f"tool results: expected a list, one result per call, got {results!r:.60}")
+    if not calls:
+        raise Qwen35Error("tool results: the last reply called no tools")
+    if len(results) != len(calls):
+        raise Qwen35Error(f"tool results: {len(results)} given for the last reply's {len(calls)} calls")
+    out = []
+    for i, (call, result) in enumerate(zip(calls, results)):
+        ids = {"tool_call_id": call["id"], "name": call["function"]["name"]}
+        content = result
+        if isinstance(result, dict):
+            if "content" not in result:
+                raise Qwen35Error(f"tool results[{i}]: expected 'content' (and optionally 'tool_call_id' or 'name')")
+            for key, expected in ids.items():
+                if key in result and result[key] != expected:
+                    raise Qwen35Error(f"tool results[{i}].{key}: {result[key]!r}, but the call's is {expected!r}")
+            content = result["content"]
+        if not isinstance(content, str):
+            content = json.dumps(content, ensure_ascii=False, default=str)
+        out.append({"role": "tool", **ids, "content": content})
+    return out
+
 
 Kind = Literal["answer", "tool_call"]
 

@@ -27,3 +27,20 @@ def forcing(tokenizer, text: str, *, then: Sequence[str] = ("<|im_end|>",)):
 
     force.ids = ids
     return force
+
+
+def scripted(tokenizer, replies: Sequence[str]):
+    """A processor that forces ``replies[k]`` in the k-th generation it serves (the last one after that).
+
+    A generation starts when the processor sees no tokens of the reply yet.
+    """
+    rounds = [forcing(tokenizer, r) for r in replies]
+    state = {"round": -1}
+
+    def force(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            state["round"] += 1
+        return rounds[min(state["round"], len(rounds) - 1)](tokens, logits)
+
+    force.rounds = rounds
+    return force

@@ -100,6 +100,27 @@ def test_session_from_another_model(chat_model, hf_text, tmp_path):
         Chat.load(path, other, chat_model[1])
 
 
+def test_a_version_2_session_still_loads(chat_model, tmp_path):
+    """Sessions saved before tools (format 2: no tools, no reply tokens) resume and go on exactly."""
+    from mlx_qwen35 import session
+
+    model, tok = chat_model
+    a = Chat(model, tok, sampling=GREEDY, max_tokens=5)
+    b = Chat(model, tok, sampling=GREEDY, max_tokens=5)
+    assert continuation(a, TURNS[0]) == continuation(b, TURNS[0])
+    path = b.save(tmp_path / "s.session")
+    arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    m = json.loads(meta["session"])
+    del m["digest"], m["reply_tokens"], m["settings"]["tools"]
+    m["version"] = 2
+    m["digest"] = session._digest({k: v for k, v in m.items() if k != "digest"}, arrays)
+    mx.save_safetensors(str(tmp_path / "v2.safetensors"), arrays, metadata={"session": json.dumps(m)})
+    resumed = Chat.load(tmp_path / "v2.safetensors", model, tok)
+    assert resumed.messages == a.messages and resumed.tools is None
+    g1, g2 = resumed.send(TURNS[1]), a.send(TURNS[1])
+    assert list(g1) == list(g2) and g1.result.prefilled_tokens == g2.result.prefilled_tokens
+
+
 def test_tampered_truncated_and_foreign_sessions(chat_model, tmp_path):
     path = saved(chat_model, tmp_path)
     model, tok = chat_model

@@ -11,6 +11,7 @@ from forcing import forcing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import requires_reference
+from test_tokenizer import WEATHER_TOOL
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import generate, stream_generate
@@ -21,18 +22,7 @@ from mlx_qwen35.tools import parse_call, tool_functions, tool_schemas
 
 GREEDY = Sampling(temperature=0.0)
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather forecast for a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "array", "items": {"type": "integer"}}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 
 EVERY_TYPE = {
     "type": "function",
@@ -337,8 +327,8 @@ TOOL_CONVERSATIONS = {
             "role": "assistant",
             "content": "Checking both.",
             "tool_calls": [
-                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}},
-                {"function": {"name": "every", "arguments": {"s": "x", "o": {"k": [1, {"v": None}]}, "b": True, "n": 2.5}}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1]}}},
+                {"function": {"name": "every", "arguments": {"s": "x", "o": {"k": [1, {"v": None}]}, "b": True}}},
                 {"name": "every", "arguments": {"s": "bare call, no 'function' wrapper", "z": None}},
             ],
         },
@@ -408,12 +398,13 @@ def test_calls_rendered_by_the_official_template_parse_back(official_tokenizer):
         {"city": "Paris", "days": [1, 2]},
         {"s": "multi\nline", "i": 7, "n": 0.25, "b": False, "z": None, "o": {"k": {"deep": [1, "x"]}}, "a": [[1], {}]},
     ]
-    calls = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in zip(["get_weather", "every"], args)]
+    names = ["get_weather", "every"]
+    calls = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in zip(names, args)]
     messages = [{"role": "user", "content": "Go."}, {"role": "assistant", "content": "On it.", "tool_calls": calls}]
     text = render_text(official_tokenizer, messages, add_generation_prompt=False)
     raws = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)
     parsed = [parse_call(raw, [WEATHER, EVERY_TYPE]) for raw in raws]
-    assert [(c.name, c.arguments, c.error) for c in parsed] == [("get_weather", args[0], None), ("every", args[1], None)]
+    assert [(c.name, c.arguments, c.error) for c in parsed] == [(n, a, None) for n, a in zip(names, args)]
 
 
 # ---------------------------------------------------------------- end to end on the tiny model
@@ -431,7 +422,8 @@ def test_generate_returns_the_forced_call(chat_model, think):
     assert result.tokens == force.ids  # the model ran every token, masked to the target
     assert result.finish_reason == "tool_calls"
     assert result.text == "Let me look." and result.reasoning == ("Plan." if think else "")
-    assert [(c.name, c.arguments, c.valid) for c in result.tool_calls] == [("get_weather", {"city": "Paris", "days": [1, 2]}, True)]
+    expected = [("get_weather", {"city": "Paris", "days": [1, 2]}, True)]
+    assert [(c.name, c.arguments, c.valid) for c in result.tool_calls] == expected
     gen = stream_generate(model, tok, "Weather in Paris?", **options)
     pieces = list(gen)
     assert "".join(p.text for p in pieces if p.kind == "tool_call") == CALL
