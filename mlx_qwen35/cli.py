@@ -20,10 +20,10 @@ from rich.text import Text
 from .cli_options import PRECISION, DType, Precision, QMode, check_text, settings_from, with_shared_options
 from .cli_tools import call_json, call_line, result_line
 from .errors import Qwen35Error
+from .server.cli import serve
 
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
+    add_completion=False, no_args_is_help=True,
     help="Qwen3.5 on MLX: chat, generate, serve an OpenAI-compatible API, convert checkpoints, inspect memory.",
 )
 err = Console(stderr=True, soft_wrap=True)
@@ -374,11 +374,7 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-from .server.cli import serve  # noqa: E402 - it uses this module's helpers when it runs
-
 app.command()(serve)
-
-
 # Typer raises click's UsageError, or its bundled copy's (typer ≥ 0.2x); both are BadParameter's base.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 

@@ -1,4 +1,4 @@
-"""The ``serve`` command; registered by :mod:`mlx_qwen35.cli`, with the model options ``chat`` has."""
+"""The ``serve`` command, registered by :mod:`mlx_qwen35.cli`, with the model options ``chat`` has."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ..cli_options import PRECISION, Precision, _shared_options
+from ..cli_options import PRECISION, Precision, _shared_options, check_text
 from ..errors import Qwen35Error
 
 _SHARED = signature(_shared_options).parameters
@@ -64,8 +64,7 @@ def serve(
     kept at its message boundaries, so a client that re-sends a growing
     conversation pays only for its new messages. Ctrl-C stops the server.
     """
-    from ..cli import err, fail, note, plan_model, run_or_fail
-    from ..cli_options import check_text
+    from ..cli import err, fail, note, plan_model, run_or_fail  # it imports this module: not at the top
     from ..model.cache import KV_BITS
 
     run_or_fail(check_text, "--api-key", api_key)
