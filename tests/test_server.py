@@ -146,6 +146,7 @@ BAD = [
     # (body, status, param, part of the message)
     (b"{not json", 400, None, "request body: not valid JSON"),
     (b"[1, 2]", 400, None, "request body: expected a JSON object"),
+    (b'{"messages": ' + b"[" * 50000, 400, None, "request body: JSON nested too deeply"),
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "request body", "lone surrogate"),
     ({"max_tokens": 2}, 400, "messages", "messages: expected a non-empty list"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role",

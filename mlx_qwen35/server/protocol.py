@@ -50,6 +50,8 @@ def parse_json(body: bytes) -> dict:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "request body: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"request body: expected a JSON object, got {shown(value)}")
     check_utf8("request body", value)
