@@ -118,7 +118,9 @@ def parse_chat(body: dict, model_id: str, allow_files: Optional[Path] = None) ->
         raise bad("stop", f"expected text or a list of texts, got {shown(body['stop'])}")
     stream = _typed(body, "stream", (bool,), "true or false", False)
     options = _typed(body, "stream_options", (dict,), 'an object like {"include_usage": true}', {})
-    include_usage = options.get("include_usage") or False
+    include_usage = options.get("include_usage", False)
+    if include_usage is None:
+        include_usage = False
     if not isinstance(include_usage, bool):
         raise bad("stream_options.include_usage", f"expected true or false, got {shown(include_usage)}")
 
