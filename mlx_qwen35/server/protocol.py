@@ -135,11 +135,7 @@ def parse_chat(body: dict, model_id: str, allow_files: Optional[Path] = None) ->
 
 
 def _sampling(body: dict, think: bool) -> Sampling:
-    """The model card's preset for the thinking mode, with the request's sampling fields over it.
-
-    Temperature 0 asks for greedy decoding: then only the request's own fields apply (the
-    preset's presence penalty would change which token is likeliest).
-    """
+    """The model card's preset for the thinking mode, with the request's sampling fields over it."""
     overrides = {}
     for f in fields(Sampling):
         kinds, expected = ((int,), "an integer") if f.name == "top_k" else ((int, float), "a number")
@@ -147,8 +143,7 @@ def _sampling(body: dict, think: bool) -> Sampling:
         if value is not None:
             overrides[f.name] = 0 if f.name == "top_k" and value == -1 else value  # vLLM's -1: no top-k
     try:
-        base = Sampling() if overrides.get("temperature") == 0 else default_sampling(think)
-        return replace(base, **overrides)
+        return replace(default_sampling(think), **overrides)
     except Qwen35Error as e:
         raise ApiError.from_error(e) from None
 
