@@ -350,6 +350,11 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+from .server.cli import serve  # noqa: E402 - it uses this module's helpers when it runs
+
+app.command()(serve)
+
+
 # Typer raises click's UsageError, or its bundled copy's (typer ≥ 0.2x); both are BadParameter's base.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
