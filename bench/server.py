@@ -10,8 +10,8 @@ Both servers run the same float32 checkpoint folder (mlx_lm.server has no dtype
 option, so a float32 copy of the checkpoint is written to bench/out once), one
 at a time, on a free loopback port, as subprocesses of this script; it stops
 them on exit, Ctrl-C included. Every request is streamed through the `openai`
-client, greedy, thinking off, and times the first content (or reasoning, or
-tool-call) delta.
+client, greedy (every sampling field given, so no server's defaults apply),
+thinking off, and times the first content (or reasoning, or tool-call) delta.
 
 agent: one conversation of 10 requests. Each re-sends the whole conversation:
 the assistant's previous reply with a call of the `search` tool, and that
@@ -57,7 +57,10 @@ COMMANDS = {
     "ours": f"{shlex.quote(sys.executable)} -m mlx_qwen35.cli serve --model {{model}} --host {{host}} --port {{port}}",
     "anchor": f"{shlex.quote(sys.executable)} -m mlx_lm.server --model {{model}} --host {{host}} --port {{port}}",
 }
-NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+# Greedy, every sampling field given: our server lays the model card's preset (with a presence penalty) under a
+# request's fields, mlx_lm.server its own defaults; thinking off.
+REQUEST = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, presence_penalty=0.0,
+               chat_template_kwargs={"enable_thinking": False})
 
 SYSTEM = "You are a research agent. Use the search tool to gather facts, then answer the user briefly."
 TASK = "Plan a small vegetable garden for a sunny balcony: which plants, which pots, and when to sow them."
@@ -138,8 +141,12 @@ def tool_format(path: Path) -> str:
     from mlx_qwen35.errors import Qwen35Error
     from mlx_qwen35.tokenizer import load_tokenizer, render_text
 
+    messages = agent_messages("tool", ["x"])
+    for m in messages:  # as a server hands them to the template: arguments decoded from their JSON string
+        for call in m.get("tool_calls", ()):
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
     try:
-        render_text(load_tokenizer(path), agent_messages("tool", ["x"]), tools=TOOLS)
+        render_text(load_tokenizer(path), messages, tools=TOOLS)
         return "tool"
     except Qwen35Error:
         return "user"
@@ -168,6 +175,7 @@ class Server:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
         self.name, self.url, self.log = name, f"http://{HOST}:{self.port}", log
+        self.model = str(model)  # the id both servers answer to: the --model they were given
         self.argv = shlex.split(command.format(model=shlex.quote(str(model)), host=HOST, port=self.port))
         self.proc = None
 
@@ -224,8 +232,8 @@ def ask(server: Server, client, messages, max_tokens: int, tools=None) -> dict:
     usage = None
     try:
         stream = client.chat.completions.create(
-            model="default_model", messages=messages, max_tokens=max_tokens, temperature=0.0, stream=True,
-            stream_options={"include_usage": True}, extra_body=NO_THINKING, **({"tools": tools} if tools else {}),
+            model=server.model, messages=messages, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body=REQUEST, **({"tools": tools} if tools else {}),
         )
         for chunk in stream:
             usage = chunk.usage or usage
@@ -257,13 +265,17 @@ def agent(server: Server, fmt: str, timeout: float) -> list[dict]:
 def concurrency(server: Server, clients: int, requests: int, timeout: float) -> dict:
     start = threading.Barrier(clients + 1)
     results: list[dict] = []
+    errors: list[BaseException] = []
 
     def client(c: int):
         api = server.client(timeout)
         start.wait()
-        for r in range(requests):
-            prompt = f"[{clients}.{c}.{r}] Write two lines about growing {TOPICS[(c + r) % len(TOPICS)]} on a balcony."
-            results.append(ask(server, api, [{"role": "user", "content": prompt}], SHORT_REPLY))
+        try:
+            for r in range(requests):
+                prompt = f"[{clients}.{c}.{r}] Write two lines about growing {TOPICS[(c + r) % len(TOPICS)]} on a balcony."
+                results.append(ask(server, api, [{"role": "user", "content": prompt}], SHORT_REPLY))
+        except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which reports it
+            errors.append(e)
 
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
     for t in threads:
@@ -273,8 +285,8 @@ def concurrency(server: Server, clients: int, requests: int, timeout: float) -> 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    if len(results) != clients * requests:
-        raise SystemExit(f"{server.name} server: {clients * requests - len(results)} concurrent request(s) failed")
+    if errors:
+        raise errors[0]
     ttft = [r["ttft"] for r in results]
     return dict(tps=sum(r["completion"] or 0 for r in results) / wall, p50=float(np.percentile(ttft, 50)),
                 p95=float(np.percentile(ttft, 95)), cached=sum(r["cached"] or 0 for r in results),
@@ -359,6 +371,7 @@ def main():
     ap.add_argument("--ready-timeout", type=float, default=600, help="seconds for a server to answer GET /health")
     ap.add_argument("--timeout", type=float, default=600, help="seconds for one request")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so the servers are stopped then too
     blas = use_fast_blas()
     import mlx.core as mx
 
@@ -385,4 +398,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the servers are stopped")
