@@ -61,6 +61,7 @@ COMMANDS = {
 # request's fields, mlx_lm.server its own defaults; thinking off.
 REQUEST = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, presence_penalty=0.0,
                chat_template_kwargs={"enable_thinking": False})
+DELTAS = ("content", "reasoning_content", "reasoning", "tool_calls")  # a first token: any of these (vLLM, mlx-lm names)
 
 SYSTEM = "You are a research agent. Use the search tool to gather facts, then answer the user briefly."
 TASK = "Plan a small vegetable garden for a sunny balcony: which plants, which pots, and when to sow them."
@@ -128,7 +129,8 @@ def float32_folder(src: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix == ".safetensors":
-            w = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in mx.load(str(f)).items()}
+            w = mx.load(str(f))
+            w = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in w.items()}
             mx.save_safetensors(str(tmp / f.name), w, metadata={"format": "pt"})
         elif f.is_file():
             (tmp / f.name).write_bytes(f.read_bytes())
@@ -238,9 +240,8 @@ def ask(server: Server, client, messages, max_tokens: int, tools=None) -> dict:
         for chunk in stream:
             usage = chunk.usage or usage
             for choice in chunk.choices:
-                d = choice.delta
-                extra = d.model_extra or {}
-                if first is None and (d.content or d.tool_calls or extra.get("reasoning_content") or extra.get("reasoning")):
+                d, extra = choice.delta, choice.delta.model_extra or {}
+                if first is None and any(getattr(d, k, None) or extra.get(k) for k in DELTAS):
                     first = time.perf_counter() - t0
                 text.append(d.content or "")
     except OpenAIError as e:
@@ -272,7 +273,8 @@ def concurrency(server: Server, clients: int, requests: int, timeout: float) -> 
         start.wait()
         try:
             for r in range(requests):
-                prompt = f"[{clients}.{c}.{r}] Write two lines about growing {TOPICS[(c + r) % len(TOPICS)]} on a balcony."
+                topic = TOPICS[(c + r) % len(TOPICS)]
+                prompt = f"[{clients}.{c}.{r}] Write two lines about growing {topic} on a balcony."
                 results.append(ask(server, api, [{"role": "user", "content": prompt}], SHORT_REPLY))
         except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which reports it
             errors.append(e)
