@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from .errors import Qwen35Error
 
 if TYPE_CHECKING:
+    from .batch import batch_generate, stream_batch_generate
     from .chat import Chat
     from .convert import convert
     from .engine import Generation, GenerationResult
@@ -54,6 +55,8 @@ _LAZY = {
     "load": "loading",
     "generate": "generate",
     "stream_generate": "generate",
+    "batch_generate": "batch",
+    "stream_batch_generate": "batch",
     "Sampling": "sampling",
     "PRESETS": "sampling",
     "Generation": "engine",

@@ -90,6 +90,13 @@ def prefill(
     return lm.logits(h[:, -1])[0]
 
 
+def sample_next(logits: mx.array, sampler, processors, generated: list[int]) -> mx.array:
+    """The next token (a scalar) from one sequence's logits [vocab], after the ``generated`` tokens."""
+    for p in processors:
+        logits = p(mx.array(generated, dtype=mx.int32), logits[None])[0]
+    return sampler((logits - mx.logsumexp(logits, keepdims=True))[None])[0]
+
+
 def decode_tokens(
     model,
     logits: mx.array,
@@ -109,11 +116,7 @@ def decode_tokens(
     reasoning) are fed as one chunk and yielded like sampled ones.
     """
     generated: list[int] = []
-
-    def sample(logits):
-        for p in processors:
-            logits = p(mx.array(generated, dtype=mx.int32), logits[None])[0]
-        return sampler((logits - mx.logsumexp(logits, keepdims=True))[None])[0]
+    sample = lambda logits: sample_next(logits, sampler, processors, generated)
 
     def step(tokens: list[int]) -> mx.array:
         return sample(model(mx.array(tokens)[None], cache=cache, rope_delta=rope_delta)[0, -1])
@@ -170,7 +173,7 @@ class Request:
 class GenerationResult:
     text: str
     reasoning: str
-    finish_reason: Literal["stop", "length", "context", "interrupted", "tool_calls"]
+    finish_reason: Literal["stop", "length", "context", "interrupted", "tool_calls", "error"]
     prompt_tokens: int
     prefilled_tokens: int  # prompt tokens actually run (the rest came from a cache)
     generation_tokens: int
@@ -179,6 +182,7 @@ class GenerationResult:
     peak_memory_gb: float
     tokens: list[int] = field(default_factory=list, repr=False)
     tool_calls: list[ToolCall] = field(default_factory=list)  # valid or not: see ToolCall.error
+    error: Optional[str] = None  # why it failed (finish reason "error"): one sequence of a batch fails alone
 
 
 class Interrupted(KeyboardInterrupt):
@@ -237,6 +241,14 @@ class Generation:
             self._on_result(result)
 
 
+def check_context(model, request: Request) -> None:
+    """Raise when the prompt leaves no room in the model's context for a reply."""
+    context = model.config.text.max_position_embeddings
+    n = len(request.prompt.ids)
+    if n >= context:
+        raise Qwen35Error(f"prompt: {n} tokens, longer than the model's context of {context}")
+
+
 def run(
     model,
     tokenizer,
@@ -252,11 +264,41 @@ def run(
     ``on_snapshot(n)`` is called once the cache holds ``n`` prompt tokens, for
     each ``n`` in ``snapshot_at``.
     """
-    context = model.config.text.max_position_embeddings
-    n = len(request.prompt.ids)
-    if n >= context:
-        raise Qwen35Error(f"prompt: {n} tokens, longer than the model's context of {context}")
+    check_context(model, request)
     return Generation(steps(model, tokenizer, request, cache, snapshot_at, on_snapshot), on_result)
+
+
+def decoding(model, tokenizer, r: Request) -> tuple:
+    """What decodes ``r``: sampler, logits processors, special tokens, text stream, thinking control, token limit."""
+    sampler, processors = make_sampler(r.sampling), make_processors(r.sampling, r.max_tokens) + list(r.processors)
+    special = special_tokens(tokenizer)
+    stream = TextStream(tokenizer, reasoning=r.reasoning, stop=r.stop, tools=r.tools)
+    control = ThinkingControl(tokenizer, reasoning=r.reasoning, budget=r.thinking_budget, special=special)
+    # The reply ends where the model's context does.
+    limit = min(r.max_tokens, model.config.text.max_position_embeddings - len(r.prompt.ids))
+    return sampler, processors, special, stream, control, limit
+
+
+def make_result(
+    r: Request, stream: TextStream, tokens: list[int], finish: str, times: list[float]
+) -> GenerationResult:
+    """The result of ``r`` ending with ``finish``; ``times``: when it started and, once there, was prefilled."""
+    end = time.perf_counter()
+    start, prefilled = times[0], times[1] if len(times) > 1 else end
+    n = len(r.prompt.ids)
+    return GenerationResult(
+        text="".join(stream.parts["answer"]),
+        reasoning="".join(stream.parts["reasoning"]),
+        finish_reason=finish,
+        prompt_tokens=n,
+        prefilled_tokens=n - r.start,
+        generation_tokens=len(tokens),
+        prompt_tps=(n - r.start) / max(prefilled - start, 1e-9),
+        generation_tps=len(tokens) / max(end - prefilled, 1e-9),
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        tokens=tokens,
+        tool_calls=stream.tool_calls,
+    )
 
 
 def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_snapshot=None) -> Steps:
@@ -267,33 +309,12 @@ def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_sna
     """
     if r.seed is not None:
         mx.random.seed(r.seed)
-    sampler, processors = make_sampler(r.sampling), make_processors(r.sampling, r.max_tokens) + list(r.processors)
-    special = special_tokens(tokenizer)
-    stream = TextStream(tokenizer, reasoning=r.reasoning, stop=r.stop, tools=r.tools)
-    control = ThinkingControl(tokenizer, reasoning=r.reasoning, budget=r.thinking_budget, special=special)
+    sampler, processors, special, stream, control, limit = decoding(model, tokenizer, r)
     p = r.prompt
-    # The reply ends where the model's context does.
-    limit = min(r.max_tokens, model.config.text.max_position_embeddings - len(p.ids))
     mx.reset_peak_memory()
     tokens: list[int] = []
     times = [time.perf_counter()]  # start, then prefilled
-
-    def result(finish) -> GenerationResult:
-        end = time.perf_counter()
-        start, prefilled = times[0], times[1] if len(times) > 1 else end
-        return GenerationResult(
-            text="".join(stream.parts["answer"]),
-            reasoning="".join(stream.parts["reasoning"]),
-            finish_reason=finish,
-            prompt_tokens=len(p.ids),
-            prefilled_tokens=len(p.ids) - r.start,
-            generation_tokens=len(tokens),
-            prompt_tps=(len(p.ids) - r.start) / max(prefilled - start, 1e-9),
-            generation_tps=len(tokens) / max(end - prefilled, 1e-9),
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            tokens=tokens,
-            tool_calls=stream.tool_calls,
-        )
+    result = lambda finish: make_result(r, stream, tokens, finish, times)
 
     try:
         logits = prefill(

@@ -21,7 +21,7 @@ speculative decoding later) never asks which kind of layer it holds:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
@@ -29,10 +29,14 @@ KV_BITS = (4, 8)
 
 
 class RecurrentCache(ArraysCache):
-    """A Gated DeltaNet layer: its conv tail (``"0"``) and recurrent state (``"1"``)."""
+    """A Gated DeltaNet layer: its conv tail (``"0"``) and recurrent state (``"1"``).
 
-    def __init__(self):
-        super().__init__(size=2)
+    ``left_padding`` (per row, a batch prefilled together) masks the steps
+    before each row's prompt: they must not reach its conv or its state.
+    """
+
+    def __init__(self, left_padding: Optional[list[int]] = None):
+        super().__init__(size=2, left_padding=left_padding)
 
     @property
     def state(self) -> dict:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
 from .. import ops
 from ..config import TextConfig
@@ -199,10 +199,13 @@ class TextModel(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
+        # Masks come from the caches: a left-padded batch hides each row's padding.
         attn_cache = next((c for c, l in zip(cache, self.layers) if not l.is_linear), None)
+        linear_cache = next((c for c, l in zip(cache, self.layers) if l.is_linear), None)
         attn_mask = create_attention_mask(h, attn_cache)
+        linear_mask = create_ssm_mask(h, linear_cache)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, c, None if layer.is_linear else attn_mask, positions, rope_delta)
+            h = layer(h, c, linear_mask if layer.is_linear else attn_mask, positions, rope_delta)
         return self.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:
