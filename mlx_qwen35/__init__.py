@@ -39,11 +39,10 @@ from typing import TYPE_CHECKING
 from .errors import Qwen35Error
 
 if TYPE_CHECKING:
-    from .batch import batch_generate, stream_batch_generate
     from .chat import Chat
     from .convert import convert
     from .engine import Generation, GenerationResult
-    from .generate import generate, stream_generate
+    from .generate import batch_generate, generate, stream_batch_generate, stream_generate
     from .loading import load
     from .quant import QuantSpec
     from .sampling import PRESETS, Sampling
@@ -55,8 +54,8 @@ _LAZY = {
     "load": "loading",
     "generate": "generate",
     "stream_generate": "generate",
-    "batch_generate": "batch",
-    "stream_batch_generate": "batch",
+    "batch_generate": "generate",
+    "stream_batch_generate": "generate",
     "Sampling": "sampling",
     "PRESETS": "sampling",
     "Generation": "engine",

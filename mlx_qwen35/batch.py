@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -39,21 +39,29 @@ from .errors import Qwen35Error
 from .model import batch_cache
 from .stream import Piece
 
+PAD_TOKENS = 16  # a prompt is left-padded by at most this, or a quarter of the longest, to be prefilled together
+
 
 @dataclass
 class Event:
-    """What a step produced for the request ``key``: a piece of its text, or its result once it ended."""
+    """What a step produced for the request ``key``: a piece of its text, or its result once it ended.
+
+    With the result of a request added with ``keep_cache``, ``cache`` is its
+    own cache (as one sequence) after the reply, less the last token.
+    """
 
     key: Hashable
     piece: Optional[Piece] = None
     result: Optional[GenerationResult] = None
+    cache: Optional[list[Any]] = None
 
 
 class _Row:
     """One sequence of the batch: its request and what decodes it."""
 
-    def __init__(self, key, model, tokenizer, request: Request, cache):
+    def __init__(self, key, model, tokenizer, request: Request, cache, snapshot_at=(), on_snapshot=None, keep=False):
         self.key, self.request, self.cache = key, request, cache
+        self.snapshot_at, self.on_snapshot, self.keep = snapshot_at, on_snapshot, keep
         self.sampler, self.processors, self.special, self.stream, self.control, self.limit = decoding(
             model, tokenizer, request
         )
@@ -76,13 +84,18 @@ class _Row:
             return token, pieces, "context" if self.limit < self.request.max_tokens else "length"
         return token, pieces, None
 
-    def end(self, finish: str, error: Optional[str] = None) -> list[Event]:
+    @property
+    def alone(self) -> bool:
+        """Whether it is prefilled on its own: it brings a cache, has images or takes snapshots."""
+        return self.cache is not None or self.request.prompt.embeddings is not None or bool(self.snapshot_at)
+
+    def end(self, finish: str, error: Optional[str] = None, cache=None) -> list[Event]:
         pieces = self.stream.finish()
         if finish == "stop" and self.stream.tool_calls and not self.stream.stopped:
             finish = "tool_calls"  # the model ended its turn to call
         result = make_result(self.request, self.stream, self.tokens, finish, self.times)
         result.error = error
-        return [Event(self.key, piece=p) for p in pieces] + [Event(self.key, result=result)]
+        return [Event(self.key, piece=p) for p in pieces] + [Event(self.key, result=result, cache=cache)]
 
 
 class Batch:
@@ -108,14 +121,28 @@ class Batch:
         """Whether a step has anything to do."""
         return bool(self.rows or self.waiting or self._ended)
 
-    def add(self, key: Hashable, request: Request, cache: Optional[list[Any]] = None) -> None:
+    def add(
+        self,
+        key: Hashable,
+        request: Request,
+        cache: Optional[list[Any]] = None,
+        *,
+        snapshot_at: Sequence[int] = (),
+        on_snapshot: Optional[Callable[[int], None]] = None,
+        keep_cache: bool = False,
+    ) -> None:
         """Queue ``request`` under ``key`` (unique among the batch's requests); it joins at a next step.
 
         ``cache``: a single-sequence cache already holding the prompt's first
-        ``request.start`` tokens. A prompt too long for the context ends at
-        the next step with finish reason "error".
+        ``request.start`` tokens. ``on_snapshot(n)`` is called once that cache
+        holds ``n`` prompt tokens, for each ``n`` in ``snapshot_at``, as
+        :func:`~.engine.run` does. ``keep_cache``: the result's event carries
+        the request's own cache (:class:`Event`). A prompt too long for the
+        context ends at the next step with finish reason "error". A request's
+        ``seed`` seeds sampling when it joins: it reproduces
+        :func:`~.generate.generate` when the request decodes alone.
         """
-        row = _Row(key, self.model, self.tokenizer, request, cache)
+        row = _Row(key, self.model, self.tokenizer, request, cache, snapshot_at, on_snapshot, keep_cache)
         try:
             check_context(self.model, request)
         except Qwen35Error as e:
@@ -162,7 +189,7 @@ class Batch:
             token, pieces, finish = row.accept(sampled)
             events += [Event(row.key, piece=p) for p in pieces]
             if finish is not None:
-                events += row.end(finish)
+                events += row.end(finish, cache=batch_cache.extract(self.cache, i) if row.keep else None)
             else:
                 inputs.append(token)
                 kept.append(i)
@@ -178,12 +205,14 @@ class Batch:
             events += row.end("interrupted")
         room = self.max_rows - len(self.rows)
         joining, self.waiting = self.waiting[:room], self.waiting[room:]
-        plain = [r for r in joining if r.cache is None and r.request.prompt.embeddings is None]
-        groups = ([plain] if plain else []) + [[r] for r in joining if r not in plain]
+        groups = _length_groups([r for r in joining if not r.alone]) + [[r] for r in joining if r.alone]
         logits = []
         for group in groups:
+            for row in group:
+                if row.request.seed is not None:
+                    mx.random.seed(row.request.seed)
             try:
-                cache, out = self._prefill_together(group) if group is plain else self._prefill_alone(group[0])
+                cache, out = self._prefill_alone(group[0]) if group[0].alone else self._prefill_together(group)
             except Qwen35Error as e:
                 for row in group:
                     events += row.end("error", str(e))
@@ -207,6 +236,8 @@ class Batch:
             input_embeddings=None if p.embeddings is None else p.embeddings[:, start:],
             positions=None if p.positions is None else p.positions[:, :, start:],
             rope_delta=p.rope_delta,
+            stops=[s - start for s in row.snapshot_at],
+            on_stop=None if row.on_snapshot is None else lambda n: row.on_snapshot(start + n),
         )
         return batch_cache.merge([cache]), logits[None]
 
@@ -250,103 +281,18 @@ class Batch:
         return tokens if order == sorted(order) else tokens[mx.array(np.argsort(order))]
 
 
-# ---------------------------------------------------------------------------------------------
-# The one-shot API: a list of prompts in, a result per prompt out.
+def _length_groups(rows: list[_Row]) -> list[list[_Row]]:
+    """Rows to prefill together, left-padded: each padded by at most a quarter of the longest (or 16 tokens).
 
-ITEM_KEYS = ("prompt", "images", "videos", "stop")  # besides Settings' fields, less kv_bits and seed
-
-
-class BatchGeneration:
-    """An iterator of ``(index, piece)``: the pieces of every sequence, each tagged with its prompt's index.
-
-    ``results[i]`` is set once sequence ``i`` ends (``on_result(i, result)``
-    is called then). Closing it early ends the rest as "interrupted".
+    Padding is computed and thrown away; what a group saves is reading the
+    weights once for all its rows, which matters for short prompts only.
     """
-
-    def __init__(self, batch: Batch, n: int, on_result=None):
-        self.batch, self.results = batch, [None] * n
-        self._on_result = on_result
-        self._pieces: list[tuple[int, Piece]] = []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, Piece]:
-        while not self._pieces:
-            if not self.batch.active:
-                raise StopIteration
-            self._take(self.batch.step())
-        return self._pieces.pop(0)
-
-    def close(self) -> None:
-        for key in range(len(self.results)):
-            self.batch.cancel(key)
-        while self.batch.active:
-            self._take(self.batch.step())
-
-    def _take(self, events: list[Event]) -> None:
-        for e in events:
-            if e.result is None:
-                self._pieces.append((e.key, e.piece))
-                continue
-            self.results[e.key] = e.result
-            if self._on_result is not None:
-                self._on_result(e.key, e.result)
-
-
-def stream_batch_generate(
-    model, tokenizer, prompts, *, seed: Optional[int] = None, max_rows: int = 32, on_result=None, **settings
-) -> BatchGeneration:
-    """Generate replies to many prompts at once, streaming ``(index, piece)`` pairs.
-
-    Each prompt is a string or a message list (as :func:`~.generate.stream_generate`
-    takes), or a dict with the prompt under ``"prompt"`` and its own
-    ``images``, ``videos``, ``stop`` and settings (``think``, ``thinking_budget``,
-    ``sampling``, ``max_tokens``, ``system``, ``tools``), which override the
-    keyword ``settings`` shared by all. ``seed`` seeds the batch's sampling
-    once. At most ``max_rows`` sequences decode at once; the others join as
-    rows free up. A prompt that fails (a bad image, too long for the context)
-    gets a result with finish reason "error" and ``error`` saying why.
-    """
-    from .turn import Settings, prepare
-
-    fields = set(Settings.__dataclass_fields__) - {"kv_bits", "seed"}
-    for name in settings:
-        if name not in fields and name not in ITEM_KEYS[1:]:
-            raise Qwen35Error(f"batch: unknown setting {name!r}; expected one of {', '.join(sorted(fields))}")
-    if seed is not None:
-        mx.random.seed(seed)
-    mx.reset_peak_memory()
-    batch = Batch(model, tokenizer, max_rows=max_rows)
-    for i, item in enumerate(prompts):
-        spec = {**settings, **(item if isinstance(item, dict) else {"prompt": item})}
-        unknown = [k for k in spec if k not in fields and k not in ITEM_KEYS]
-        if unknown or "prompt" not in spec:
-            what = f"unknown key {unknown[0]!r}" if unknown else "no 'prompt'"
-            raise Qwen35Error(f"prompts[{i}]: {what}; expected {', '.join(ITEM_KEYS)} and settings")
-        try:
-            turn = prepare(
-                model,
-                tokenizer,
-                Settings(**{k: v for k, v in spec.items() if k in fields}),
-                spec["prompt"],
-                images=spec.get("images", ()),
-                videos=spec.get("videos", ()),
-                stop=spec.get("stop", ()),
-            )
-        except Qwen35Error as e:
-            batch.fail(i, str(e))
-            continue
-        batch.add(i, turn.request)
-    return BatchGeneration(batch, len(prompts), on_result)
-
-
-def batch_generate(model, tokenizer, prompts, **options) -> list[GenerationResult]:
-    """Generate the replies to ``prompts`` at once, one result per prompt, in order.
-
-    ``options`` are :func:`stream_batch_generate`'s keyword arguments.
-    """
-    gen = stream_batch_generate(model, tokenizer, prompts, **options)
-    for _ in gen:
-        pass
-    return gen.results
+    groups: list[list[_Row]] = []
+    size = lambda r: len(r.request.prompt.ids)
+    for row in sorted(rows, key=size, reverse=True):
+        group = groups[-1] if groups else []
+        if group and size(group[0]) - size(row) <= max(PAD_TOKENS, size(group[0]) // 4):
+            group.append(row)
+        else:
+            groups.append([row])
+    return groups

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_qwen35.batch import Batch, batch_generate, stream_batch_generate
+from mlx_qwen35.batch import Batch
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generate import generate
+from mlx_qwen35.generate import batch_generate, generate, stream_batch_generate
 from mlx_qwen35.model import batch_cache
 from mlx_qwen35.sampling import Sampling
 from mlx_qwen35.turn import Settings, prepare
@@ -162,3 +162,63 @@ def test_bad_arguments_are_one_line(chat_model):
         batch_generate(model, tok, ["Hi"], kv_bits=4)
     with pytest.raises(Qwen35Error, match="max_rows"):
         Batch(model, tok, max_rows=0)
+
+
+def test_a_row_brings_its_cache_takes_snapshots_and_keeps_its_cache(chat_model):
+    from dataclasses import replace
+
+    from mlx_qwen35.engine import prefill, run
+    from mlx_qwen35.model import cache as hybrid
+
+    model, tok = chat_model
+    s = Settings(sampling=GREEDY, max_tokens=7)
+    request = prepare(model, tok, s, PROMPTS[1]).request
+    n = len(request.prompt.ids)
+    alone_cache = model.make_cache()
+    gen = run(model, tok, request, alone_cache)
+    for _ in gen:
+        pass
+    # The first 10 prompt tokens come in a cache; a snapshot is asked for at 20.
+    cache = model.make_cache()
+    prefill(model, request.prompt.ids[:10], cache)
+    batch = Batch(model, tok)
+    snaps = []
+    batch.add("next", prepare(model, tok, s, PROMPTS[0]).request)
+    batch.add("cached", replace(request, start=10), cache, snapshot_at=[20], keep_cache=True,
+              on_snapshot=lambda k: snaps.append((k, hybrid.offset(cache))))
+    ended = {}
+    while batch.active:
+        ended.update({e.key: e for e in batch.step() if e.result is not None})
+    assert snaps == [(20, 20)]
+    assert_same(ended["cached"].result, gen.result)
+    assert ended["cached"].result.prefilled_tokens == n - 10
+    kept = ended["cached"].cache
+    assert hybrid.offset(kept) == hybrid.offset(alone_cache) == n + 7 - 1  # the last token is never fed
+    for ours, theirs in zip(kept, alone_cache):
+        for name, a in theirs.state.items():
+            np.testing.assert_allclose(np.array(ours.state[name]), np.array(a), rtol=1e-4, atol=1e-5)
+
+
+def test_a_seed_reproduces_generate_for_a_request_alone(chat_model):
+    model, tok = chat_model
+    s = Settings(sampling=Sampling(temperature=1.0, top_k=20, top_p=0.9), max_tokens=8, seed=7)
+    batch = Batch(model, tok)
+    batch.add(0, prepare(model, tok, s, PROMPTS[2]).request)
+    while batch.active:
+        result = next((e.result for e in batch.step() if e.result is not None), None)
+    single = generate(model, tok, PROMPTS[2], sampling=s.sampling, max_tokens=8, seed=7)
+    assert result.tokens == single.tokens
+
+
+def test_prompts_of_very_different_lengths_are_not_padded_together(chat_model, monkeypatch):
+    model, tok = chat_model
+    sizes = []
+    together = Batch._prefill_together
+    monkeypatch.setattr(Batch, "_prefill_together", lambda self, rows: (
+        sizes.append(sorted(len(r.request.prompt.ids) for r in rows)), together(self, rows))[1])
+    long = " ".join(["waves"] * 60)
+    items = [PROMPTS[0], long, PROMPTS[2], long + " and wind"]
+    results = batch_generate(model, tok, items, sampling=GREEDY, max_tokens=4)
+    assert len(sizes) == 2 and sizes[0][0] > 60 and sizes[1][-1] < 20  # the long ones together, then the short ones
+    for item, result in zip(items, results):
+        assert_same(result, generate(model, tok, item, sampling=GREEDY, max_tokens=4))

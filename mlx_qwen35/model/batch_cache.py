@@ -45,7 +45,9 @@ class BatchAttentionCache(BatchKVCache):
 def empty(model, left_padding: Sequence[int]) -> Cache:
     """An empty batch cache for prompts left-padded by ``left_padding`` tokens each."""
     pad = list(left_padding)
-    return [RecurrentCache(pad) if layer.is_linear else BatchAttentionCache(pad) for layer in model.layers]
+    # No padding, no recurrent mask: a masked recurrence cannot take MLX's fused Metal kernel.
+    recurrent_pad = pad if any(pad) else None
+    return [RecurrentCache(recurrent_pad) if layer.is_linear else BatchAttentionCache(pad) for layer in model.layers]
 
 
 def advance(cache: Cache, n: int) -> None:
@@ -93,6 +95,20 @@ def keep(batch: Cache, rows: Sequence[int]) -> Optional[Cache]:
     for c in batch:
         c.filter(list(rows))
     return batch
+
+
+def extract(batch: Cache, row: int) -> Cache:
+    """Row ``row`` of ``batch`` as a single-sequence cache: a copy of its own tokens' state, no padding."""
+    out = []
+    for c in batch:
+        if isinstance(c, RecurrentCache):
+            one = RecurrentCache()
+            one.cache = [mx.contiguous(a[row : row + 1]) for a in c.cache]
+        else:
+            one, pad, end = AttentionCache(), int(c.left_padding[row].item()), c.size()
+            one.state = {n: mx.contiguous(a[row : row + 1, :, pad:end]) for n, a in (("k0", c.keys), ("v0", c.values))}
+        out.append(one)
+    return out
 
 
 def nbytes(cache: Optional[Cache]) -> int:
