@@ -47,13 +47,16 @@ class Event:
     """What a step produced for the request ``key``: a piece of its text, or its result once it ended.
 
     With the result of a request added with ``keep_cache``, ``cache`` is its
-    own cache (as one sequence) after the reply, less the last token.
+    own cache (as one sequence) after the reply, less the last token. A
+    request whose prefill raised ends with finish reason "error" and the
+    exception in ``exception``.
     """
 
     key: Hashable
     piece: Optional[Piece] = None
     result: Optional[GenerationResult] = None
     cache: Optional[list[Any]] = None
+    exception: Optional[Exception] = None
 
 
 class _Row:
@@ -213,9 +216,11 @@ class Batch:
                     mx.random.seed(row.request.seed)
             try:
                 cache, out = self._prefill_alone(group[0]) if group[0].alone else self._prefill_together(group)
-            except Qwen35Error as e:
+            except Exception as e:  # noqa: BLE001 - the group fails alone; the event carries what was raised
+                why = str(e) if isinstance(e, Qwen35Error) else f"{type(e).__name__}: {e}"
                 for row in group:
-                    events += row.end("error", str(e))
+                    events += row.end("error", why)
+                    events[-1].exception = e
                 continue
             for row in group:
                 row.times.append(time.perf_counter())

@@ -102,6 +102,8 @@ class BatchGeneration:
             if e.result is None:
                 self._pieces.append((e.key, e.piece))
                 continue
+            if e.exception is not None and not isinstance(e.exception, Qwen35Error):
+                raise e.exception  # a bug, not bad input
             self.results[e.key] = e.result
             if self._on_result is not None:
                 self._on_result(e.key, e.result)

@@ -108,12 +108,12 @@ class Records(logging.Handler):
             time.sleep(0.01)
 
 
-# Fixtures (a plugin of conftest.py): each test module gets its own worker (a queue of 1) and server.
+# Fixtures (a plugin of conftest.py): each test module gets its own worker (batches of 2, a queue of 1) and server.
 
 
 @pytest.fixture(scope="module")
 def server_worker(chat_model):
-    w = Worker(lambda: chat_model, queue_size=1, cache_memory=1 << 30)
+    w = Worker(lambda: chat_model, queue_size=1, cache_memory=1 << 30, batch_size=2)
     w.start()
     yield w
     w.stop(TIMEOUT)

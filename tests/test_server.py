@@ -80,6 +80,16 @@ def test_stop_strings_and_seeds_act_as_in_generate(served, chat_model):
         assert r.choices[0].message.content == sampled.text
 
 
+def test_a_seeded_request_runs_alone_after_the_batch(served, chat_model):
+    model, tok = chat_model
+    sampled = generate(model, tok, SEA, max_tokens=6, seed=7)  # the instruct preset, sampled
+    conn, response = open_stream(served, {"messages": SEA, "max_tokens": 24})  # sampled, no seed
+    read_events(response, 2)  # it decodes
+    r = served.client().chat.completions.create(model=MODEL_ID, messages=SEA, max_tokens=6, seed=7)
+    assert r.choices[0].message.content == sampled.text  # no other row drew from the generator meanwhile
+    conn.close()
+
+
 def test_reasoning_is_separated_when_thinking_is_on(served, chat_model):
     model, tok = chat_model
     messages = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -228,6 +238,28 @@ def test_api_key(server_worker):
 LONG = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 1000}
 
 
+def test_concurrent_requests_decode_together_each_as_generate_alone(served, chat_model, monkeypatch):
+    from mlx_qwen35.batch import Batch
+
+    model, tok = chat_model
+    rows, step = [], Batch.step
+    monkeypatch.setattr(Batch, "step", lambda self: (rows.append(len(self.rows)), step(self))[1])
+    prompts = [SEA, [{"role": "user", "content": "Name a prime number."}]]
+    expected = [generate(model, tok, m, sampling=GREEDY, max_tokens=12) for m in prompts]
+    client, replies = served.client(), {}
+    threads = [
+        threading.Thread(target=lambda i=i, m=m: replies.update({i: client.chat.completions.create(
+            model=MODEL_ID, messages=m, max_tokens=12, **GREEDY_FIELDS)}))
+        for i, m in enumerate(prompts)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert [replies[i].choices[0].message.content for i in range(2)] == [e.text for e in expected]
+    assert max(rows) == 2  # the two shared decode steps
+
+
 def test_a_client_that_disconnects_stops_its_generation(served, server_log):
     conn, response = open_stream(served, LONG)
     first = read_events(response, 4)  # the role, then three pieces: the generation runs
@@ -239,8 +271,9 @@ def test_a_client_that_disconnects_stops_its_generation(served, server_log):
 
 
 def test_a_full_queue_answers_429_with_retry_after(served, server_worker):
-    conn, response = open_stream(served, LONG)
-    read_events(response, 2)  # running: the queue (of 1) is empty
+    streams = [open_stream(served, LONG) for _ in range(server_worker.batch_size)]
+    for _, response in streams:
+        read_events(response, 2)  # running, every row of the batch taken: the queue (of 1) is empty
     waiting = {}
     second = threading.Thread(target=lambda: waiting.update(reply=served.post(user("hi"))))
     second.start()
@@ -251,6 +284,7 @@ def test_a_full_queue_answers_429_with_retry_after(served, server_worker):
     status, headers, reply = served.post(user("hi"))
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert reply["error"]["type"] == "rate_limit_error"
-    conn.sock.shutdown(2), conn.close()
+    for conn, _ in streams:
+        conn.sock.shutdown(2), conn.close()
     second.join(TIMEOUT)
     assert waiting["reply"][0] == 200

@@ -156,7 +156,7 @@ def make_app(
         return JSONResponse({
             "status": "ok",
             "model": model_id,
-            "running": worker.running is not None,
+            "running": len(worker.running),
             "waiting": worker.waiting,
             "cache": {"entries": len(store.entries), "bytes": store.nbytes, "budget": store.budget},
         })

@@ -51,6 +51,7 @@ def serve(
     cache_memory: str = typer.Option(
         "2GiB", "--cache-memory", help="Memory for conversation prefixes kept for reuse (least recently used go)."
     ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Requests that decode at once, as one batch."),
     queue_size: int = typer.Option(16, "--queue-size", min=0, help="Requests that may wait; more are answered 429."),
     max_body: str = typer.Option("32MiB", "--max-body", help="Largest request body; larger ones are answered 413."),
     allow_files: Optional[Path] = typer.Option(
@@ -60,7 +61,8 @@ def serve(
 ):
     """Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions.
 
-    Requests run one at a time, in arrival order. Each conversation's cache is
+    Up to --batch-size requests decode at once, as one batch; the others wait
+    in arrival order. Each conversation's cache is
     kept at its message boundaries, so a client that re-sends a growing
     conversation pays only for its new messages. Ctrl-C stops the server.
     """
@@ -85,7 +87,7 @@ def serve(
         fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
     p = plan_model(model, precision)
     load = lambda: load_plan(p, chat_template)  # noqa: E731 - runs on the worker's thread
-    worker = Worker(load, queue_size=queue_size, cache_memory=cache_bytes, kv_bits=kv_bits)
+    worker = Worker(load, queue_size=queue_size, cache_memory=cache_bytes, kv_bits=kv_bits, batch_size=batch_size)
     with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
         run_or_fail(worker.start)
     model_id = model or DEFAULT_MODEL

@@ -1,12 +1,18 @@
-"""The model thread: every MLX call of the server (the load too) runs on it, one request at a time.
+"""The model thread: every MLX call of the server (the load too) runs on it.
 
-Requests wait in arrival order in a bounded queue. Each :class:`Job` carries
-its own event queue on the asyncio side, which the worker feeds with
-``loop.call_soon_threadsafe``: a :class:`Started`, then the
+Requests wait in arrival order in a bounded queue, and decode together as rows
+of one :class:`~mlx_qwen35.batch.Batch` (continuous batching): each joins as
+soon as there is a free row (``batch_size``), prefilled on its own from its
+longest stored prefix, and leaves when it ends. A request with a seed (so
+that it samples as it would alone) or a server with a quantized KV cache
+(``kv_bits``, which a batch cannot hold) runs alone, after the batch drains.
+
+Each :class:`Job` carries its own event queue on the asyncio side, which the
+worker feeds with ``loop.call_soon_threadsafe``: a :class:`Started`, then the
 :class:`~mlx_qwen35.stream.Piece` objects, then the
 :class:`~mlx_qwen35.engine.GenerationResult`; or a :class:`Failed` at any
 point. A job whose client has gone is cancelled: the worker skips it if it has
-not started, or closes its generation at the next piece.
+not started, or ends its generation at the next token.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from ..engine import GenerationResult, prefill, run
+from ..batch import Batch
+from ..engine import GenerationResult, check_context, prefill, run
 from ..errors import Qwen35Error
 from ..model import cache as hybrid
 from ..tokenizer import special_tokens
@@ -74,9 +81,9 @@ class QueueFull(Exception):
 class Worker:
     """Owns the model; ``load()`` returns ``(model, tokenizer)`` and runs on the worker thread.
 
-    ``queue_size`` requests may wait behind the running one; ``cache_memory``
-    bytes of cache states are kept for prefix reuse. ``processors(job)`` (a
-    test hook) adds logits processors to a job's generation.
+    ``batch_size`` requests decode at once and ``queue_size`` more may wait;
+    ``cache_memory`` bytes of cache states are kept for prefix reuse.
+    ``processors(job)`` (a test hook) adds logits processors to a job's generation.
     """
 
     def __init__(
@@ -86,14 +93,17 @@ class Worker:
         queue_size: int = 16,
         cache_memory: int = 4 << 30,
         kv_bits: Optional[int] = None,
+        batch_size: int = 8,
     ):
+        if batch_size < 1:
+            raise Qwen35Error(f"batch size: must be ≥ 1, got {batch_size}")
         self._load = load
-        self.queue_size = queue_size
+        self.queue_size, self.batch_size = queue_size, batch_size
         self.kv_bits = kv_bits
         self.store = PrefixStore(cache_memory)
         self.processors: Optional[Callable[[Job], list]] = None
         self.model = self.tokenizer = None
-        self.running: Optional[Job] = None
+        self.running: set[Job] = set()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: set[Job] = set()
         self._lock = threading.Lock()
@@ -124,12 +134,11 @@ class Worker:
         self._jobs.put(job)
 
     def cancel_all(self) -> None:
-        """Cancel the running job and those waiting: their clients get an answer at once."""
+        """Cancel the running jobs and those waiting: their clients get an answer at once."""
         with self._lock:
-            jobs = [*self._pending, self.running]
+            jobs = [*self._pending, *self.running]
         for job in jobs:
-            if job is not None:
-                job.cancel()
+            job.cancel()
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Cancel what runs and what waits, and end the thread."""
@@ -159,19 +168,97 @@ class Worker:
             mx.clear_streams()  # MLX can abort at exit after work in a thread whose streams remain
 
     def _loop(self) -> None:
+        """Take jobs while there are free rows, run a batch step, again; the queue's None stops it."""
+        batch = Batch(self.model, self.tokenizer, max_rows=self.batch_size)
+        live: dict[Job, tuple[list[int], float]] = {}  # the batch's jobs: their prompt ids, when they joined
+        held: Optional[Job] = None  # a job that runs alone, once the batch has drained
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                self._pending.discard(job)
-                self.running = job
-            started = time.perf_counter()
-            try:
-                self._serve(job)
-            finally:
-                self.running = None
-                self._seconds_per_job += (time.perf_counter() - started - self._seconds_per_job) / 4
+            while held is None and len(live) < self.batch_size:
+                try:
+                    job = self._jobs.get(block=not live)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._end_batch(batch, live)
+                    return
+                if job.params.settings.get("seed") is not None or self.kv_bits is not None:
+                    held = job
+                else:
+                    self._join(job, batch, live)
+            if held is not None and not live:
+                self._alone(held)
+                held = None
+            if live:
+                batch = self._step(batch, live)
+
+    def _end_batch(self, batch: Batch, live: dict) -> None:
+        for job in live:
+            job.cancel()
+        while live:
+            self._step(batch, live)
+
+    def _alone(self, job: Job) -> None:
+        with self._lock:
+            self._pending.discard(job)
+            self.running.add(job)
+        started = time.perf_counter()
+        try:
+            self._serve(job)
+        finally:
+            self._done(job, started)
+
+    def _done(self, job: Job, started: float) -> None:
+        with self._lock:
+            self.running.discard(job)
+        self._seconds_per_job += (time.perf_counter() - started - self._seconds_per_job) / 4
+
+    def _join(self, job: Job, batch: Batch, live: dict) -> None:
+        """Start ``job`` as a row of ``batch``: it is prefilled at the next step."""
+        with self._lock:
+            self._pending.discard(job)
+            self.running.add(job)
+        if job.cancelled.is_set():
+            self._fail(job, ApiError(503, "cancelled before it started (the client left, or the server is stopping)"))
+            return self._done(job, time.perf_counter())
+        try:
+            request, ids, bounds, cache, snap = self._prepare(job)
+            check_context(self.model, request)
+        except Exception as e:  # noqa: BLE001 - the client gets an answer and the server stays up
+            self._fail(job, self._api_error(job, e))
+            return self._done(job, time.perf_counter())
+        batch.add(job, request, cache, snapshot_at=[b for b in bounds if b > request.start], on_snapshot=snap,
+                  keep_cache=not job.params.images)
+        job.emit(Started(len(ids), request.start))
+        live[job] = (ids, time.perf_counter())
+
+    def _step(self, batch: Batch, live: dict) -> Batch:
+        """One step of ``batch``: hand out its pieces and results; a step that raises fails all its jobs."""
+        for job in live:
+            if job.cancelled.is_set():
+                batch.cancel(job)
+        try:
+            events = batch.step()
+        except Exception as e:  # noqa: BLE001 - every row was in that step
+            for job, (_, started) in live.items():
+                self._fail(job, self._api_error(job, e))
+                self._done(job, started)
+            live.clear()
+            return Batch(self.model, self.tokenizer, max_rows=self.batch_size)
+        for event in events:
+            job, result = event.key, event.result
+            if result is None:
+                job.emit(event.piece)
+                continue
+            ids, started = live.pop(job)
+            if result.finish_reason == "error":
+                self._fail(job, self._api_error(job, event.exception or Qwen35Error(result.error)))
+            else:
+                if event.cache is not None and result.finish_reason != "interrupted":
+                    self._keep_reply(ids, result, event.cache)
+                job.emit(result)
+                self._log(job, result)
+            self._done(job, started)
+        return batch
 
     def _drain(self) -> None:
         while True:
@@ -205,6 +292,16 @@ class Worker:
 
     def _begin(self, job: Job):
         """Render the prompt, restore its longest stored prefix, and start the generation."""
+        request, ids, bounds, cache, snap = self._prepare(job)
+        gen = run(
+            self.model, self.tokenizer, request, cache,
+            snapshot_at=[b for b in bounds if b > request.start], on_snapshot=snap,
+        )
+        return gen, ids, request.start, cache
+
+    def _prepare(self, job: Job):
+        """Render the prompt and restore its longest stored prefix: the request, its ids, its message
+        boundaries, its cache, and what snapshots the cache at a boundary."""
         p = job.params
         context = self.model.config.text.max_position_embeddings
         settings = Settings(
@@ -236,11 +333,7 @@ class Worker:
 
         # tool_choice "none": the tools are shown to the model, which may not call them.
         request = replace(turn.request, start=start, tools=() if p.tool_choice == "none" else turn.request.tools)
-        gen = run(
-            self.model, self.tokenizer, request, cache,
-            snapshot_at=[b for b in bounds if b > start], on_snapshot=snap,
-        )
-        return gen, ids, start, cache
+        return request, ids, bounds, cache, snap
 
     @staticmethod
     def _api_error(job: Job, e: Exception) -> ApiError:
