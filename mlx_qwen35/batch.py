@@ -215,7 +215,9 @@ class Batch:
                 if row.request.seed is not None:
                     mx.random.seed(row.request.seed)
             try:
-                cache, out = self._prefill_alone(group[0]) if group[0].alone else self._prefill_together(group)
+                # One row alone takes the single-sequence path (no padding: the unmasked attention kernels).
+                together = len(group) > 1 and not group[0].alone
+                cache, out = self._prefill_together(group) if together else self._prefill_alone(group[0])
             except Exception as e:  # noqa: BLE001 - the group fails alone; the event carries what was raised
                 why = str(e) if isinstance(e, Qwen35Error) else f"{type(e).__name__}: {e}"
                 for row in group:
