@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map
 
 from . import dispatch
@@ -96,7 +97,25 @@ def float32_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
     return y.astype(dtype)
 
 
+def numpy_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """x times a float32 Linear or Embedding's weight by numpy's BLAS, plus its bias: a gemv for one row.
+
+    Evaluates x (the graph so far runs here), then multiplies numpy views of
+    MLX's buffers, which share their memory; only the product is copied back.
+    Not differentiable: inference only.
+    """
+    x32 = x.astype(mx.float32)
+    mx.eval(x32)
+    xs = np.asarray(x32).reshape(-1, x.shape[-1])
+    w = np.asarray(layer.weight)
+    y = (w @ xs[0])[None] if len(xs) == 1 else xs @ w.T
+    y = mx.array(y).reshape(*x.shape[:-1], w.shape[0])
+    return y + layer.bias if "bias" in layer else y
+
+
 def _product(layer: nn.Module, x: mx.array, native: Callable[[mx.array], mx.array]) -> mx.array:
+    if dispatch.numpy_gemv(x.size // x.shape[-1], layer.weight.dtype):
+        return numpy_product(layer, x)
     y = float32_product(layer, x) if dispatch.cpu_paths() else None
     return native(x) if y is None else y
 
