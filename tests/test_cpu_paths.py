@@ -115,6 +115,16 @@ def test_project_float32_decode_through_numpy(monkeypatch, K, N, rows):
     assert len(calls) == 2
 
 
+def test_project_float32_decode_under_compile_and_vmap(monkeypatch):
+    """Transformations cannot evaluate mid-graph: there the layer runs MLX's own matmul."""
+    monkeypatch.delenv(ENV_GEMV, raising=False)
+    lin = nn.Linear(64, 48, bias=True)
+    ours = ops.prepare(lin)
+    x = mx.random.normal((1, 1, 64))
+    assert mx.array_equal(mx.compile(ours)(x), lin(x)).item()
+    assert mx.array_equal(mx.vmap(ours)(mx.stack([x, x])), mx.vmap(lin)(mx.stack([x, x]))).item()
+
+
 def test_the_gemv_switch(monkeypatch):
     monkeypatch.delenv(ENV_PORTABLE, raising=False)
     monkeypatch.delenv(ENV_GEMV, raising=False)

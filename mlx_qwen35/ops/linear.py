@@ -97,15 +97,19 @@ def float32_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
     return y.astype(dtype)
 
 
-def numpy_product(layer: nn.Module, x: mx.array) -> mx.array:
+def numpy_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
     """x times a float32 Linear or Embedding's weight by numpy's BLAS, plus its bias: a gemv for one row.
 
     Evaluates x (the graph so far runs here), then multiplies numpy views of
     MLX's buffers, which share their memory; only the product is copied back.
-    Not differentiable: inference only.
+    None inside ``mx.compile`` or ``mx.vmap``, which cannot evaluate. Not
+    differentiable: inference only.
     """
     x32 = x.astype(mx.float32)
-    mx.eval(x32)
+    try:
+        mx.eval(x32)
+    except ValueError:  # a function transformation is tracing x
+        return None
     xs = np.asarray(x32).reshape(-1, x.shape[-1])
     w = np.asarray(layer.weight)
     y = (w @ xs[0])[None] if len(xs) == 1 else xs @ w.T
@@ -114,9 +118,9 @@ def numpy_product(layer: nn.Module, x: mx.array) -> mx.array:
 
 
 def _product(layer: nn.Module, x: mx.array, native: Callable[[mx.array], mx.array]) -> mx.array:
-    if dispatch.numpy_gemv(x.size // x.shape[-1], layer.weight.dtype):
-        return numpy_product(layer, x)
-    y = float32_product(layer, x) if dispatch.cpu_paths() else None
+    y = numpy_product(layer, x) if dispatch.numpy_gemv(x.size // x.shape[-1], layer.weight.dtype) else None
+    if y is None and dispatch.cpu_paths():
+        y = float32_product(layer, x)
     return native(x) if y is None else y
 
 
