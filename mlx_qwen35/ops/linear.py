@@ -5,9 +5,11 @@ loop, and ``quantized_matmul`` with half-precision activations both crawls
 and accumulates in bfloat16. :func:`prepare` swaps a model's (quantized)
 Linear and Embedding layers for subclasses that multiply in float32 through
 BLAS, casting or dequantizing the weight a block of rows at a time (for an
-Embedding: its use as the tied output head, ``as_linear``). It swaps nothing
-where :func:`.dispatch.cpu_paths` says no (a GPU, ``MLX_QWEN35_PORTABLE=1``),
-and a swapped layer runs as its base class wherever that holds at call time.
+Embedding: its use as the tied output head, ``as_linear``); float32 weights
+at decode's few rows go to numpy's BLAS as a gemv (:func:`numpy_product`),
+where MLX would run a full sgemm. It swaps nothing where
+:func:`.dispatch.cpu_paths` says no (a GPU, ``MLX_QWEN35_PORTABLE=1``), and a
+swapped layer runs as its base class wherever that holds at call time.
 """
 
 from __future__ import annotations
