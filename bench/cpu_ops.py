@@ -1,7 +1,7 @@
 """The CPU numerics of mlx_qwen35.ops against MLX's own operations, at the 2B's shapes.
 
     python bench/cpu_ops.py                       # every section
-    python bench/cpu_ops.py --only attention      # one of: projections, activations, attention, conv
+    python bench/cpu_ops.py --only attention      # one of: projections, decode, activations, attention, conv
 
 Milliseconds per call, best of ``--rounds`` interleaved rounds, ours beside
 the operation MLX's graph runs instead (what ``MLX_QWEN35_PORTABLE=1`` runs).
@@ -44,6 +44,38 @@ def projections() -> None:
             show(f"{kind} projection, {rows} rows", race(fns, ROUNDS))
 
 
+def decode() -> None:
+    """One row times a float32 weight (the MLP's up projection, the tied output head): MLX's products and
+    the gemv route. Eight up projections take turns, more than the L3 cache holds, as a decode step's do."""
+    side = mx.new_stream(mx.cpu)
+    for n, copies in ((6144, 8), (248320, 1)):
+        layers = [nn.Linear(2048, n, bias=False) for _ in range(copies)]
+        mx.eval([m.parameters() for m in layers])
+        x = mx.random.normal((1, 1, 2048))
+        turn = iter(range(1 << 30))
+        w = lambda: layers[next(turn) % copies].weight
+
+        def two_streams():
+            wi = w()
+            top = x @ wi[: n // 2].T
+            with mx.stream(side):
+                bottom = x @ wi[n // 2 :].T
+            return mx.concatenate([top, bottom], axis=-1)
+
+        fns = {
+            "x @ W.T": lambda: x @ w().T,
+            "W @ x": lambda: w() @ x[0, 0],
+            "addmm": lambda: mx.addmm(mx.zeros((1, 1, n)), x, w().T),
+            "2 streams": two_streams,
+            "numpy gemv": lambda: linear.numpy_product(layers[next(turn) % copies], x),
+        }
+        best = race(fns, ROUNDS)
+        show(f"float32 [1, 2048] x [{n}, 2048]", best)
+        gbs = {k: f"{n * 2048 * 4 / t / 1e9:.1f} GB/s" for k, t in best.items()}
+        print(f"{'':<44}" + "".join(f"{k:>16}: {v:>11}" for k, v in gbs.items()), flush=True)
+        del layers
+
+
 def activations() -> None:
     x, u = mx.random.normal((2048, 6144)) * 4, mx.random.normal((2048, 6144))
     s = mx.random.normal((1, 2, 512, 2048)) * 8
@@ -77,7 +109,13 @@ def conv() -> None:
     show(f"causal conv, T = {T}", race(fns, ROUNDS))
 
 
-SECTIONS = {"projections": projections, "activations": activations, "attention": attention, "conv": conv}
+SECTIONS = {
+    "projections": projections,
+    "decode": decode,
+    "activations": activations,
+    "attention": attention,
+    "conv": conv,
+}
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from .errors import Qwen35Error
 from .media import PromptInputs
 from .model import cache as hybrid
+from .ops.dispatch import numpy_gemv
 from .reasoning import ThinkingControl
 from .sampler import make_processors, make_sampler
 from .sampling import Sampling
@@ -112,14 +113,28 @@ def decode_tokens(
     """Sample up to ``max_tokens`` tokens, feeding each back through ``cache``, ending after a ``stop`` id.
 
     The next step is queued before the current token is handed out, so the
-    model computes while the caller detokenizes. Forced tokens (the closing of
-    reasoning) are fed as one chunk and yielded like sampled ones.
+    model computes while the caller detokenizes; but where a step computes as
+    it is built (float32 on the CPU paths: numpy's gemv, :mod:`.ops.linear`),
+    the token goes out first, else it would wait for the next step. Forced
+    tokens (the closing of reasoning) are fed as one chunk and yielded like
+    sampled ones.
     """
     generated: list[int] = []
     sample = lambda logits: sample_next(logits, sampler, processors, generated)
 
     def step(tokens: list[int]) -> mx.array:
         return sample(model(mx.array(tokens)[None], cache=cache, rope_delta=rope_delta)[0, -1])
+
+    eager = numpy_gemv(1, model.language_model.dtype)
+
+    def advance(tokens: list[int]) -> Iterator[int]:
+        nonlocal y
+        if eager:
+            yield from tokens
+        y = step(tokens)
+        mx.async_eval(y)
+        if not eager:
+            yield from tokens
 
     y = sample(logits)
     mx.async_eval(y)
@@ -129,17 +144,13 @@ def decode_tokens(
         if forced is not None:
             forced = forced[: max_tokens - len(generated)]
             generated.extend(forced)
-            y = step(forced)
-            mx.async_eval(y)
-            yield from forced
+            yield from advance(forced)
             continue
         generated.append(token)
         if token in stop or len(generated) == max_tokens:
             yield token
             return
-        y = step([token])
-        mx.async_eval(y)
-        yield token
+        yield from advance([token])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
   dequantized in blocks (every affine bit width, every group size): within the
   bfloat16 rounding of the output (4e-3 of the largest entry) of the exact
   product of the activations with the dequantized weights; float32 weights
-  bit-identical to the layer's own call.
+  bit-identical to the layer's own call past ``GEMV_ROWS`` rows, and up to
+  it (decode) through numpy's BLAS within the float32 rounding bound of the
+  exact product, as the layer's own call is.
 - The activations (exp through a polynomial and the float's exponent bits):
   relative error 1e-6 per element over the whole float range, with exact
   limits (0 below the smallest normal, 1 above it), and masked keys carrying
@@ -19,11 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import spy
 
 from mlx_qwen35 import ops
+from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.loading import load_model
 from mlx_qwen35.ops import cpu, linear
-from mlx_qwen35.ops.dispatch import ENV_PORTABLE
+from mlx_qwen35.ops.dispatch import ENV_GEMV, ENV_PORTABLE, GEMV_ROWS, numpy_gemv
 
 f32 = mx.float32
 
@@ -73,12 +77,69 @@ def test_project_half_precision(rows):
     assert np.abs(f64(y) - ref).max() <= 4e-3 * np.abs(ref).max()
 
 
-def test_project_float32_is_the_layer():
+def test_project_float32_is_the_layer(monkeypatch):
+    """Past GEMV_ROWS rows (prefill), or with the gemv route switched off, MLX's own matmul."""
     lin = nn.Linear(64, 48, bias=True)
-    x = mx.random.normal((3, 64))
-    assert mx.array_equal(ops.prepare(lin)(x), lin(x)).item()
     emb = nn.Embedding(50, 64)
-    assert mx.array_equal(ops.prepare(emb).as_linear(x), emb.as_linear(x)).item()
+    for rows, switch in ((GEMV_ROWS + 1, ""), (1, "0")):
+        monkeypatch.setenv(ENV_GEMV, switch)
+        x = mx.random.normal((rows, 64))
+        assert mx.array_equal(ops.prepare(lin)(x), lin(x)).item()
+        assert mx.array_equal(ops.prepare(emb).as_linear(x), emb.as_linear(x)).item()
+
+
+def within_float32_rounding(y: mx.array, x: mx.array, w: mx.array, bias) -> bool:
+    """|y - x wᵀ - b| <= (K + 1) u (|x| |w|ᵀ + |b|) per entry, float32's rounding bound for a K-term sum."""
+    exact = exact_product(x, f64(w), bias)
+    scale = np.abs(f64(x)) @ np.abs(f64(w)).T + (0 if bias is None else np.abs(f64(bias)))
+    return bool((np.abs(f64(y) - exact) <= (x.shape[-1] + 1) * 2.0**-24 * scale).all())
+
+
+@pytest.mark.parametrize("K, N", [(64, 48), (2048, 3000)])
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS])
+def test_project_float32_decode_through_numpy(monkeypatch, K, N, rows):
+    """Decode's few rows take the gemv route; its numbers are the matmul's it replaces, within float32 rounding."""
+    monkeypatch.delenv(ENV_GEMV, raising=False)
+    mx.random.seed(K + rows)
+    calls = spy(monkeypatch, linear, "numpy_product")
+    lin, emb = nn.Linear(K, N, bias=True), nn.Embedding(N, K)
+    x = mx.random.normal((1, rows, K))
+    for layer, y, native in (
+        (lin, ops.prepare(lin)(x), lin(x)),
+        (emb, ops.prepare(emb).as_linear(x), emb.as_linear(x)),
+    ):
+        assert y.shape == native.shape == (1, rows, N) and y.dtype == mx.float32
+        bias = layer.bias if "bias" in layer else None
+        assert within_float32_rounding(y, x, layer.weight, bias)
+        assert within_float32_rounding(native, x, layer.weight, bias)
+    assert len(calls) == 2
+
+
+def test_project_float32_decode_under_compile_and_vmap(monkeypatch):
+    """Transformations cannot evaluate mid-graph: there the layer runs MLX's own matmul."""
+    monkeypatch.delenv(ENV_GEMV, raising=False)
+    lin = nn.Linear(64, 48, bias=True)
+    ours = ops.prepare(lin)
+    x = mx.random.normal((1, 1, 64))
+    assert mx.array_equal(mx.compile(ours)(x), lin(x)).item()
+    assert mx.array_equal(mx.vmap(ours)(mx.stack([x, x])), mx.vmap(lin)(mx.stack([x, x]))).item()
+
+
+def test_the_gemv_switch(monkeypatch):
+    monkeypatch.delenv(ENV_PORTABLE, raising=False)
+    monkeypatch.delenv(ENV_GEMV, raising=False)
+    assert numpy_gemv(1, mx.float32) and numpy_gemv(GEMV_ROWS, mx.float32)
+    assert not numpy_gemv(GEMV_ROWS + 1, mx.float32)
+    assert not numpy_gemv(1, mx.bfloat16) and not numpy_gemv(1, mx.uint32)  # half and quantized weights
+    monkeypatch.setenv(ENV_GEMV, "0")
+    assert not numpy_gemv(1, mx.float32)
+    monkeypatch.setenv(ENV_GEMV, "1")
+    assert numpy_gemv(1, mx.float32)
+    monkeypatch.setenv(ENV_PORTABLE, "1")
+    assert not numpy_gemv(1, mx.float32)
+    monkeypatch.setenv(ENV_GEMV, "yes")
+    with pytest.raises(Qwen35Error, match=f"{ENV_GEMV}='yes': expected 1"):
+        numpy_gemv(1, mx.float32)
 
 
 def projections(module: nn.Module) -> list[type]:

@@ -6,13 +6,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from conftest import spy
 from hypothesis import strategies as st
 from tokenizer_fixture import byte_to_unicode
 
-from mlx_qwen35.engine import Request, run
+from mlx_qwen35.engine import Request, decode_tokens, prefill, run
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import generate, stream_generate
 from mlx_qwen35.media import PromptInputs
+from mlx_qwen35.ops.dispatch import ENV_GEMV
 from mlx_qwen35.reasoning import CLOSING, WORD_GRACE, ThinkingControl, continues_word, looping, split_reasoning
 from mlx_qwen35.sampler import make_sampler
 from mlx_qwen35.sampling import PRESETS, Sampling
@@ -148,6 +150,22 @@ def test_close_early_is_interrupted(chat_model):
     next(gen)
     gen.close()
     assert gen.result.finish_reason == "interrupted"
+
+
+@pytest.mark.parametrize("gemv, steps_before_first", [("1", 0), ("0", 1)])
+def test_each_token_goes_out_before_an_eager_step(chat_model, monkeypatch, gemv, steps_before_first):
+    """With numpy's gemv a step computes as it is built, so the token goes out first; on MLX's lazy
+    graph the next step is queued first, to compute while the caller detokenizes."""
+    model, _ = chat_model
+    monkeypatch.setenv(ENV_GEMV, gemv)
+    cache = model.make_cache()
+    logits = prefill(model, [1000, 1001, 1002], cache)
+    calls = spy(monkeypatch, type(model), "__call__")
+    control, sampler = ThinkingControl(None, reasoning=False, budget=None), make_sampler(GREEDY)
+    tokens = decode_tokens(model, logits, cache, sampler=sampler, processors=[], control=control, max_tokens=3)
+    next(tokens)
+    assert len(calls) == steps_before_first
+    assert len(list(tokens)) == 2 and len(calls) == 2
 
 
 def test_seeded_sampling_repeats(chat_model):

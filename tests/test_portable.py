@@ -51,6 +51,9 @@ def test_projections_are_the_layers_own(portable_on):
     assert mx.array_equal(ops.prepare(q)(x), q(x)).item()
     head = nn.QuantizedEmbedding.from_embedding(nn.Embedding(300, 256), group_size=64, bits=4)
     assert mx.array_equal(ops.prepare(head).as_linear(x[0]), head.as_linear(x[0])).item()
+    lin.set_dtype(mx.float32)  # and no numpy gemv for a float32 row
+    x = mx.random.normal((1, 1, 256))
+    assert mx.array_equal(ops.prepare(lin)(x), lin(x)).item()
 
 
 def test_activations_are_mlx_ops(portable_on):

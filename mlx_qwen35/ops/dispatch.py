@@ -21,6 +21,7 @@ from . import cpu, metal, recurrence
 
 ENV_PORTABLE = "MLX_QWEN35_PORTABLE"
 ENV_METHOD = "MLX_QWEN35_GDN_METHOD"
+ENV_GEMV = "MLX_QWEN35_GEMV"
 METHODS = ("auto", "reference", "chunked", "metal", "fast")
 
 
@@ -31,10 +32,15 @@ def portable() -> bool:
     activations, blocked attention, the conv rewrite, the chunked two-stream
     recurrence), so CPU tests exercise what Metal runs.
     """
-    value = os.environ.get(ENV_PORTABLE, "")
+    return _switch(ENV_PORTABLE) is True
+
+
+def _switch(name: str) -> Optional[bool]:
+    """An on/off environment variable: True for 1, False for 0, None when unset or empty."""
+    value = os.environ.get(name, "")
     if value not in ("", "0", "1"):
-        raise Qwen35Error(f"{ENV_PORTABLE}={value!r}: expected 1 (on) or 0 (off)")
-    return value == "1"
+        raise Qwen35Error(f"{name}={value!r}: expected 1 (on) or 0 (off)")
+    return None if value == "" else value == "1"
 
 
 def cpu_paths() -> bool:
@@ -44,6 +50,21 @@ def cpu_paths() -> bool:
 
 def on_metal() -> bool:
     return mx.default_device() == mx.gpu and mx.metal.is_available()
+
+
+# Up to this many rows numpy's BLAS beats MLX's float32 matmul (bench/NOTES.md).
+GEMV_ROWS = 4
+
+
+def numpy_gemv(rows: int, weight_dtype: mx.Dtype) -> bool:
+    """Whether ``rows`` rows times a ``weight_dtype`` weight run on numpy's BLAS (:func:`.linear.numpy_product`).
+
+    On the CPU paths, for float32 weights and at most GEMV_ROWS rows (decode),
+    unless ``MLX_QWEN35_GEMV=0``: MLX's CPU matmul runs even one row as a
+    full sgemm that packs the weight, where numpy's BLAS runs a gemv that
+    streams it once, on every core. Larger products (prefill) stay on MLX's.
+    """
+    return weight_dtype == mx.float32 and rows <= GEMV_ROWS and _switch(ENV_GEMV) is not False and cpu_paths()
 
 
 def has_fast() -> bool:

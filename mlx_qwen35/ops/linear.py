@@ -5,9 +5,11 @@ loop, and ``quantized_matmul`` with half-precision activations both crawls
 and accumulates in bfloat16. :func:`prepare` swaps a model's (quantized)
 Linear and Embedding layers for subclasses that multiply in float32 through
 BLAS, casting or dequantizing the weight a block of rows at a time (for an
-Embedding: its use as the tied output head, ``as_linear``). It swaps nothing
-where :func:`.dispatch.cpu_paths` says no (a GPU, ``MLX_QWEN35_PORTABLE=1``),
-and a swapped layer runs as its base class wherever that holds at call time.
+Embedding: its use as the tied output head, ``as_linear``); float32 weights
+at decode's few rows go to numpy's BLAS as a gemv (:func:`numpy_product`),
+where MLX would run a full sgemm. It swaps nothing where
+:func:`.dispatch.cpu_paths` says no (a GPU, ``MLX_QWEN35_PORTABLE=1``), and a
+swapped layer runs as its base class wherever that holds at call time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map
 
 from . import dispatch
@@ -96,8 +99,30 @@ def float32_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
     return y.astype(dtype)
 
 
+def numpy_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
+    """x times a float32 Linear or Embedding's weight by numpy's BLAS, plus its bias: a gemv for one row.
+
+    Evaluates x (the graph so far runs here), then multiplies numpy views of
+    MLX's buffers, which share their memory; only the product is copied back.
+    None inside ``mx.compile`` or ``mx.vmap``, which cannot evaluate. Not
+    differentiable: inference only.
+    """
+    x32 = x.astype(mx.float32)
+    try:
+        mx.eval(x32)
+    except ValueError:  # a function transformation is tracing x
+        return None
+    xs = np.asarray(x32).reshape(-1, x.shape[-1])
+    w = np.asarray(layer.weight)
+    y = (w @ xs[0])[None] if len(xs) == 1 else xs @ w.T
+    y = mx.array(y).reshape(*x.shape[:-1], w.shape[0])
+    return y + layer.bias if "bias" in layer else y
+
+
 def _product(layer: nn.Module, x: mx.array, native: Callable[[mx.array], mx.array]) -> mx.array:
-    y = float32_product(layer, x) if dispatch.cpu_paths() else None
+    y = numpy_product(layer, x) if dispatch.numpy_gemv(x.size // x.shape[-1], layer.weight.dtype) else None
+    if y is None and dispatch.cpu_paths():
+        y = float32_product(layer, x)
     return native(x) if y is None else y
 
 
