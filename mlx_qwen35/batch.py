@@ -35,6 +35,7 @@ from .engine import (
     prefill,
     sample_next,
 )
+from .ops.dispatch import numpy_gemv
 from .errors import Qwen35Error
 from .model import batch_cache
 from .stream import Piece
@@ -116,6 +117,7 @@ class Batch:
         self.cache: Optional[batch_cache.Cache] = None
         self.waiting: list[_Row] = []
         self._sampled: Optional[mx.array] = None  # the next token of every row, being computed
+        self._deferred: Optional[list[int]] = None  # the inputs of a step to build at the next call
         self._ended: list[Event] = []  # results of requests that ended outside a step
         self._cancelled: set = set()
 
@@ -163,9 +165,27 @@ class Batch:
         self._cancelled.add(key)
 
     def step(self) -> list[Event]:
-        """Hand out the last step's tokens as pieces (and results), and start the next step."""
+        """Hand out the last step's tokens as pieces (and results), and start the next step.
+
+        The next step is queued before the tokens go out, so the model computes
+        while the caller detokenizes; but where a step computes as it is built
+        (a few float32 rows on the CPU paths: numpy's gemv, :mod:`.ops.linear`),
+        it is built at the next call instead, so the tokens go out first.
+        """
         events, self._ended = self._ended, []
+        if self._deferred is not None:
+            self._launch(self._deferred, events)
         inputs = self._take_sampled(events)
+        eager = numpy_gemv(len(self.rows), self.model.language_model.dtype)
+        self._deferred = inputs if eager and (self.rows or self.waiting) else None
+        if self._deferred is None:
+            self._launch(inputs, events)
+        self._cancelled -= {e.key for e in events if e.result is not None}
+        return events
+
+    def _launch(self, inputs: list[int], events: list[Event]) -> None:
+        """Queue a decode step of the rows (fed ``inputs``) and the prefill of those that join, then sampling."""
+        self._deferred = None
         logits = []
         if self.rows:
             deltas = [r.request.prompt.rope_delta for r in self.rows]
@@ -175,8 +195,6 @@ class Batch:
         self._sampled = self._sample(mx.concatenate(logits)) if logits else None
         if self._sampled is not None:
             mx.async_eval(self._sampled)
-        self._cancelled -= {e.key for e in events if e.result is not None}
-        return events
 
     # -- inside a step
 

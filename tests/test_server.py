@@ -244,20 +244,18 @@ def test_concurrent_requests_decode_together_each_as_generate_alone(served, chat
     model, tok = chat_model
     rows, step = [], Batch.step
     monkeypatch.setattr(Batch, "step", lambda self: (rows.append(len(self.rows)), step(self))[1])
-    prompts = [SEA, [{"role": "user", "content": "Name a prime number."}]]
-    expected = [generate(model, tok, m, sampling=GREEDY, max_tokens=12) for m in prompts]
-    client, replies = served.client(), {}
-    threads = [
-        threading.Thread(target=lambda i=i, m=m: replies.update({i: client.chat.completions.create(
-            model=MODEL_ID, messages=m, max_tokens=12, **GREEDY_FIELDS)}))
-        for i, m in enumerate(prompts)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-    assert [replies[i].choices[0].message.content for i in range(2)] == [e.text for e in expected]
-    assert max(rows) == 2  # the two shared decode steps
+    prime = [{"role": "user", "content": "Name a prime number."}]
+    first = generate(model, tok, SEA, sampling=GREEDY, max_tokens=60)
+    second = generate(model, tok, prime, sampling=GREEDY, max_tokens=6)
+    conn, response = open_stream(served, {"messages": SEA, "max_tokens": 60, **GREEDY_FIELDS})
+    events = read_events(response, 2)  # it decodes, with most of its tokens to come
+    r = served.client().chat.completions.create(model=MODEL_ID, messages=prime, max_tokens=6, **GREEDY_FIELDS)
+    assert r.choices[0].message.content == second.text
+    while events[-1]["choices"][0]["finish_reason"] is None:
+        events += read_events(response, 1)
+    conn.close()
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == first.text
+    assert max(rows) == 2  # they shared decode steps
 
 
 def test_a_client_that_disconnects_stops_its_generation(served, server_log):
