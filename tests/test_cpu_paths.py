@@ -96,7 +96,7 @@ def within_float32_rounding(y: mx.array, x: mx.array, w: mx.array, bias) -> bool
 
 
 @pytest.mark.parametrize("K, N", [(64, 48), (2048, 3000)])
-@pytest.mark.parametrize("rows", [1, GEMV_ROWS])
+@pytest.mark.parametrize("rows", [1, linear.ROW_BY_ROW, GEMV_ROWS])
 def test_project_float32_decode_through_numpy(monkeypatch, K, N, rows):
     """Decode's few rows take the gemv route; its numbers are the matmul's it replaces, within float32 rounding."""
     monkeypatch.delenv(ENV_GEMV, raising=False)

@@ -53,7 +53,7 @@ def on_metal() -> bool:
 
 
 # Up to this many rows numpy's BLAS beats MLX's float32 matmul (bench/NOTES.md).
-GEMV_ROWS = 4
+GEMV_ROWS = 8
 
 
 def numpy_gemv(rows: int, weight_dtype: mx.Dtype) -> bool:

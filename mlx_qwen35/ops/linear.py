@@ -31,6 +31,8 @@ from . import dispatch
 BLOCK_ELEMS = 1 << 20
 # Below this many rows a half-precision product runs faster natively than cast.
 HALF_BLAS_ROWS = 8
+# Up to this many rows the gemv route multiplies row by row (bench/NOTES.md).
+ROW_BY_ROW = 3
 
 
 @lru_cache(maxsize=None)
@@ -100,7 +102,7 @@ def float32_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
 
 
 def numpy_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
-    """x times a float32 Linear or Embedding's weight by numpy's BLAS, plus its bias: a gemv for one row.
+    """x times a float32 Linear or Embedding's weight by numpy's BLAS, plus its bias: gemvs for a few rows.
 
     Evaluates x (the graph so far runs here), then multiplies numpy views of
     MLX's buffers, which share their memory; only the product is copied back.
@@ -114,7 +116,8 @@ def numpy_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
         return None
     xs = np.asarray(x32).reshape(-1, x.shape[-1])
     w = np.asarray(layer.weight)
-    y = (w @ xs[0])[None] if len(xs) == 1 else xs @ w.T
+    # A few rows: one gemv each streams the weight fastest; more, one product that reads it once.
+    y = np.stack([w @ row for row in xs]) if len(xs) <= ROW_BY_ROW else xs @ w.T
     y = mx.array(y).reshape(*x.shape[:-1], w.shape[0])
     return y + layer.bias if "bias" in layer else y
 
