@@ -73,6 +73,12 @@ def decode() -> None:
         show(f"float32 [1, 2048] x [{n}, 2048]", best)
         gbs = {k: f"{n * 2048 * 4 / t / 1e9:.1f} GB/s" for k, t in best.items()}
         print(f"{'':<44}" + "".join(f"{k:>16}: {v:>11}" for k, v in gbs.items()), flush=True)
+        if n == 6144:  # a batch's few rows: the route (a gemv per row, then one numpy product) against MLX's
+            for rows in (2, 3, 4, 8):
+                xr = mx.random.normal((1, rows, 2048))
+                route = lambda: linear.numpy_product(layers[next(turn) % copies], xr)  # noqa: E731
+                fns = {"x @ W.T": lambda: xr @ w().T, "route": route}
+                show(f"float32 [{rows}, 2048] x [{n}, 2048]", race(fns, ROUNDS))
         del layers
 
 
