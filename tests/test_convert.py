@@ -165,6 +165,9 @@ STOPPED = """
 import os, signal, sys
 from mlx_qwen35.convert import convert
 
+# As from a terminal: a test run started under nohup would pass SIGHUP on ignored.
+signal.signal(signal.{signal}, signal.SIG_DFL)
+
 def progress(done, total, name):
     if done == 3:  # mid-way through the shards, as a system shutting down would
         os.kill(os.getpid(), signal.{signal})

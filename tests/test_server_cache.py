@@ -144,8 +144,12 @@ def test_an_entry_keeps_only_its_own_bytes_alive(chat_model, prompt):
     ids, bounds = prompt
     n = bounds[0]
     store = PrefixStore(1 << 30)
-    mx.clear_cache()  # buffers reused from MLX's cache may be larger than asked for
-    stored(model, ids, n, store)
+    cache = model.make_cache()
+    prefill(model, ids[:n], cache)
+    mx.eval([c.state for c in cache])
+    mx.clear_cache()  # buffers reused from MLX's cache (those the prefill freed) may be larger than asked for
+    store.put(key_of(ids[:n]), n, cache)
+    del cache
     gc.collect(), mx.synchronize()
     kept = mx.get_active_memory()
     store.entries.clear()
