@@ -17,10 +17,12 @@ import numpy as np
 from .errors import Qwen35Error
 from .media import PromptInputs
 from .model import cache as hybrid
+from .model import mtp
 from .ops.dispatch import numpy_gemv
 from .reasoning import ThinkingControl
 from .sampler import make_processors, make_sampler
 from .sampling import Sampling
+from .speculative import DraftPolicy, DraftStats, speculative_tokens
 from .stream import Piece, TextStream
 from .tokenizer import special_tokens
 from .tools import ToolCall
@@ -73,6 +75,7 @@ def prefill(
         raise Qwen35Error("prompt: empty (nothing to generate from)")
     ids = mx.array(np.asarray(tokens, dtype=np.int32))[None]
     lm = model.language_model
+    head = head_cache(cache)
     heads = model.config.text.num_attention_heads
     start = 0
     for end in chunk_ends(n, hybrid.offset(cache), heads, step, stops):
@@ -83,12 +86,24 @@ def prefill(
             None if positions is None else positions[:, :, start:end],
             rope_delta,
         )
+        if head is not None:  # the MTP head's KV follows, one token behind
+            mtp.append(head, h, ids[:, start:end])
+            mtp.catch_up(model, head, rope_delta=rope_delta)
         if end < n:
             mx.eval([c.state for c in cache])
             if on_stop is not None and end in stops:
                 on_stop(end)
         start = end
     return lm.logits(h[:, -1])[0]
+
+
+def head_cache(cache: list[Any]) -> Optional[mtp.MTPCache]:
+    """The MTP head's cache, when ``cache`` has one (its last layer)."""
+    return cache[-1] if cache and isinstance(cache[-1], mtp.MTPCache) else None
+
+
+# Plain steps hand the head their states; past this many pending, it writes their KV.
+HEAD_PENDING = 64
 
 
 def sample_next(logits: mx.array, sampler, processors, generated: list[int]) -> mx.array:
@@ -121,9 +136,16 @@ def decode_tokens(
     """
     generated: list[int] = []
     sample = lambda logits: sample_next(logits, sampler, processors, generated)
+    lm, head = model.language_model, head_cache(cache)
 
     def step(tokens: list[int]) -> mx.array:
-        return sample(model(mx.array(tokens)[None], cache=cache, rope_delta=rope_delta)[0, -1])
+        ids = mx.array(tokens)[None]
+        h = lm.hidden_states(ids, cache, rope_delta=rope_delta)
+        if head is not None:
+            mtp.append(head, h, ids)
+            if head.pending > HEAD_PENDING:
+                mtp.catch_up(model, head, rope_delta=rope_delta)
+        return sample(lm.logits(h[:, -1])[0])
 
     eager = numpy_gemv(1, model.language_model.dtype)
 
@@ -172,10 +194,16 @@ class Request:
     tools: Sequence[dict] = ()  # function schemas: the reply's tool calls are parsed when there are any
     # extra logits processors (tokens, logits) → logits, run after the penalties
     processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = ()
+    draft_tokens: int = 0  # the most tokens the MTP head drafts a step (the cache must have its layer); 0: plain
+    draft_vocab: Optional[int] = None  # drafts over the first this many token ids only (None: all)
 
     def __post_init__(self):
         if self.max_tokens < 1:
             raise Qwen35Error(f"max_tokens: must be ≥ 1, got {self.max_tokens}")
+        if self.draft_tokens < 0:
+            raise Qwen35Error(f"num_draft_tokens: must be ≥ 0, got {self.draft_tokens}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise Qwen35Error(f"draft_vocab: must be ≥ 1, got {self.draft_vocab}")
         if self.thinking_budget is not None and self.thinking_budget < 0:
             raise Qwen35Error(f"thinking budget: must be ≥ 0, got {self.thinking_budget}")
 
@@ -194,6 +222,8 @@ class GenerationResult:
     tokens: list[int] = field(default_factory=list, repr=False)
     tool_calls: list[ToolCall] = field(default_factory=list)  # valid or not: see ToolCall.error
     error: Optional[str] = None  # why it failed (finish reason "error"): one sequence of a batch fails alone
+    draft_tokens: int = 0  # tokens the MTP head drafted
+    accepted_draft_tokens: int = 0  # of which the model accepted
 
 
 class Interrupted(KeyboardInterrupt):
@@ -291,7 +321,7 @@ def decoding(model, tokenizer, r: Request) -> tuple:
 
 
 def make_result(
-    r: Request, stream: TextStream, tokens: list[int], finish: str, times: list[float]
+    r: Request, stream: TextStream, tokens: list[int], finish: str, times: list[float], drafts: DraftStats = DraftStats()
 ) -> GenerationResult:
     """The result of ``r`` ending with ``finish``; ``times``: when it started and, once there, was prefilled."""
     end = time.perf_counter()
@@ -309,6 +339,8 @@ def make_result(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         tokens=tokens,
         tool_calls=stream.tool_calls,
+        draft_tokens=drafts.drafted,
+        accepted_draft_tokens=drafts.accepted,
     )
 
 
@@ -325,7 +357,8 @@ def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_sna
     mx.reset_peak_memory()
     tokens: list[int] = []
     times = [time.perf_counter()]  # start, then prefilled
-    result = lambda finish: make_result(r, stream, tokens, finish, times)
+    drafts = DraftStats()
+    result = lambda finish: make_result(r, stream, tokens, finish, times, drafts)
 
     try:
         logits = prefill(
@@ -341,10 +374,18 @@ def steps(model, tokenizer, r: Request, cache: list[Any], snapshot_at=(), on_sna
         mx.eval(logits)
         times.append(time.perf_counter())
         yield logits
-        for token in decode_tokens(
-            model, logits, cache, sampler=sampler, processors=processors, control=control,
-            max_tokens=limit, rope_delta=p.rope_delta, stop=special.stop,
-        ):
+        if r.draft_tokens and head_cache(cache) is not None:
+            decoded = speculative_tokens(
+                model, logits, cache, sampling=r.sampling, processors=processors, control=control,
+                max_tokens=limit, policy=DraftPolicy(r.draft_tokens), stats=drafts, rope_delta=p.rope_delta,
+                stop=special.stop, draft_vocab=r.draft_vocab,
+            )
+        else:
+            decoded = decode_tokens(
+                model, logits, cache, sampler=sampler, processors=processors, control=control,
+                max_tokens=limit, rope_delta=p.rope_delta, stop=special.stop,
+            )
+        for token in decoded:
             tokens.append(token)
             yield from stream.add(token)
             if token in special.stop or stream.stopped:

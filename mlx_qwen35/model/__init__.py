@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from ..config import ModelConfig, TextConfig
 from ..errors import Qwen35Error
 from .cache import KV_BITS, AttentionCache, QuantizedAttentionCache, RecurrentCache
-from .text import DecoderLayer, RMSNorm, TextModel
+from .mtp import MTP, MTPCache
+from .text import DecoderLayer, TextModel
 
 # Each writer's prefixes → ours, first match wins ("mlx" is mlx-lm and mlx-vlm).
 RENAMES = {
@@ -65,24 +66,6 @@ QUANT_POLICY: tuple[tuple[str, Union[str, int]], ...] = (
     (r"(^|\.)(embed_tokens|lm_head)$", 6),
     (r"", "default"),
 )
-
-
-class MTP(nn.Module):
-    """Holds the multi-token-prediction head's weights.
-
-    Nothing runs it yet; it exists so conversion validates, casts and
-    quantizes these tensors like the rest and keeps them for speculative
-    decoding, with no re-conversion later.
-    """
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        h = cfg.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=False)
-        self.pre_fc_norm_embedding = RMSNorm(h, cfg.rms_norm_eps)
-        self.pre_fc_norm_hidden = RMSNorm(h, cfg.rms_norm_eps)
-        self.layers = [DecoderLayer(cfg, "full_attention") for _ in range(cfg.mtp_num_hidden_layers)]
-        self.norm = RMSNorm(h, cfg.rms_norm_eps)
 
 
 class Model(nn.Module):
@@ -135,7 +118,7 @@ class Model(nn.Module):
         """
         own = {k for k, _ in tree_flatten(self.parameters())}
         prefixes = []
-        if not hasattr(self, "mtp"):
+        if not self.has_mtp:
             prefixes.append("mtp.")
         if not hasattr(self, "visual"):
             prefixes.append("visual.")
@@ -173,17 +156,25 @@ class Model(nn.Module):
             return False  # cannot be grouped; stays at --dtype
         return settings
 
-    def make_cache(self, kv_bits: Optional[int] = None) -> list[Any]:
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the multi-token-prediction head is loaded (speculative decoding can draft with it)."""
+        return hasattr(self, "mtp")
+
+    def make_cache(self, kv_bits: Optional[int] = None, *, mtp: bool = False) -> list[Any]:
         """One cache per layer: conv + recurrent state for Gated DeltaNet, KV for attention.
 
-        ``kv_bits`` (4 or 8) quantizes the attention KV (the recurrent state stays float32).
+        ``kv_bits`` (4 or 8) quantizes the attention KV (the recurrent state
+        stays float32). ``mtp`` (with the head loaded) appends the head's
+        :class:`MTPCache`, which the engine then keeps in step, so any turn can draft.
         """
         if kv_bits is not None and kv_bits not in KV_BITS:
             raise Qwen35Error(f"kv_bits: {kv_bits} is not one of {KV_BITS}")
         attention = lambda: (
             AttentionCache() if kv_bits is None else QuantizedAttentionCache(group_size=self.kv_group_size, bits=kv_bits)
         )
-        return [RecurrentCache() if layer.is_linear else attention() for layer in self.layers]
+        cache = [RecurrentCache() if layer.is_linear else attention() for layer in self.layers]
+        return cache + [MTPCache()] if mtp and self.has_mtp else cache
 
     @property
     def kv_group_size(self) -> int:

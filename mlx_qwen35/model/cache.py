@@ -16,13 +16,15 @@ speculative decoding later) never asks which kind of layer it holds:
   a recurrent state cannot be cut back, so its snapshot keeps the arrays (by
   reference: MLX arrays are immutable, so that costs no copy). Rolling back a
   few steps, as speculative decoding does after rejected drafts, is
-  restoring the snapshot taken before them and feeding the accepted tokens.
+  :func:`keep`: a recurrent layer told to ``record`` keeps the state after
+  every step of its next forward, and takes the one after the last accepted token.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
 KV_BITS = (4, 8)
@@ -37,6 +39,15 @@ class RecurrentCache(ArraysCache):
 
     def __init__(self, left_padding: Optional[list[int]] = None):
         super().__init__(size=2, left_padding=left_padding)
+        self.record = False  # keep every step's conv tail and state in the next forwards
+        self.conv_inputs = None  # the last recorded forward's conv input, the old tail first
+        self.step_states = None  # the recurrent state after each of its steps
+
+    def keep(self, n: int) -> None:
+        """Back to the state after the first ``n`` (≥ 1) tokens of the last recorded forward."""
+        tail = self.conv_inputs.shape[1] - len(self.step_states)
+        self.cache = [mx.contiguous(self.conv_inputs[:, n : n + tail]), self.step_states[n - 1]]
+        self.conv_inputs = self.step_states = None
 
     @property
     def state(self) -> dict:
@@ -132,3 +143,19 @@ def restore(cache: list[Any], snap: Snapshot, n_tokens: int) -> None:
     """Put ``cache`` back to the point ``snap`` was taken at, ``n_tokens`` in."""
     for c, s in zip(cache, snap):
         c.restore(s, n_tokens)
+
+
+def record(cache: list[Any], on: bool) -> None:
+    """Whether the recurrent layers keep every step of the next forwards, for :func:`keep`."""
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            c.record = on
+
+
+def keep(cache: list[Any], before: int, n: int) -> None:
+    """After a recorded forward from ``before`` tokens, keep its first ``n`` tokens in every layer of ``cache``."""
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            c.keep(n)
+        else:
+            c.trim(c.offset - (before + n))

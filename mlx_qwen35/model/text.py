@@ -74,6 +74,8 @@ class GatedDeltaNet(nn.Module):
         if state is None:
             state = mx.zeros((B, K - 1, C), dtype=x.dtype)
         xs = mx.concatenate([state.astype(x.dtype), x], axis=1)
+        if cache is not None and cache.record:
+            cache.conv_inputs = xs  # every step's tail, for RecurrentCache.keep
         if cache is not None:
             # A copy: a view of the tail would keep the whole chunk's input alive
             # (50 MB per layer for a 2048-token chunk at the 2B shape).
@@ -101,7 +103,11 @@ class GatedDeltaNet(nn.Module):
         g = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias.astype(mx.float32)))
 
         state = cache[1] if cache is not None else None
-        y, state = ops.gated_delta_update(q, k, v, g, beta, state, mask)
+        if cache is not None and cache.record:
+            y, cache.step_states = self._each_step(q, k, v, g, beta, state, mask)
+            state = cache.step_states[-1]
+        else:
+            y, state = ops.gated_delta_update(q, k, v, g, beta, state, mask)
         if cache is not None:
             cache[1] = state
 
@@ -115,6 +121,18 @@ class GatedDeltaNet(nn.Module):
         # end of a prefill chunk, the states would keep every layer's inputs
         # alive until then, so peak memory would hold all layers' activations.
         return mx.depends(out, [cache[0], cache[1]])
+
+
+    @staticmethod
+    def _each_step(q, k, v, g, beta, state, mask) -> tuple[mx.array, list[mx.array]]:
+        """The recurrence one step at a time: its output and the state after every step (a few drafts' worth)."""
+        ys, states = [], []
+        for t in range(q.shape[1]):
+            at = lambda a: None if a is None else a[:, t : t + 1]
+            y, state = ops.gated_delta_update(at(q), at(k), at(v), at(g), at(beta), state, at(mask))
+            ys.append(y)
+            states.append(state)
+        return mx.concatenate(ys, axis=1), states
 
 
 class Attention(nn.Module):
