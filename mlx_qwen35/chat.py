@@ -58,7 +58,7 @@ class Chat(Settings):
         self.messages: list[dict] = []
         self.history: list[GenerationResult] = []
         self.media: list[Media] = []  # the conversation's images and videos, in prompt order
-        self.cache = self.model.make_cache(self.kv_bits)
+        self.cache = self.model.make_cache(self.kv_bits, mtp=self.model.has_mtp)  # so any turn may draft
         self.tokens: list[int] = []  # the prompt the snapshots belong to
         self.reply_tokens: list[int] = []  # the reply the cache holds after it
         self.snapshots: list[tuple[int, hybrid.Snapshot]] = [(0, hybrid.snapshot(self.cache))]

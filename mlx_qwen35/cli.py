@@ -155,16 +155,15 @@ def plan_model(model: Optional[str], precision: Precision):
     return p
 
 
-def load_planned(p, chat_template: Optional[Path]):
+def load_planned(p, chat_template: Optional[Path], mtp: Optional[bool] = None):
+    """Load a plan (the MTP head too where ``mtp``; None: where drafting pays)."""
+    from dataclasses import replace
+
     from .plan import load_plan
 
     with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
-        return run_or_fail(load_plan, p, chat_template)
+        return run_or_fail(load_plan, replace(p, mtp=mtp), chat_template)
 
-
-def open_model(model: Optional[str], precision: Precision, chat_template: Optional[Path]):
-    """Resolve, convert if needed, and load."""
-    return load_planned(plan_model(model, precision), chat_template)
 
 
 def context_of(p) -> int:
@@ -205,7 +204,7 @@ def chat(
     from .repl import Repl, plain_reader, terminal_reader
 
     settings = run_or_fail(settings_from, shared)
-    m, tokenizer = open_model(shared["model"], shared["precision"], shared["chat_template"])
+    m, tokenizer = load_planned(plan_model(shared["model"], shared["precision"]), shared["chat_template"], shared["mtp"])
     max_tokens = capped_max_tokens(max_tokens, m.config.text.max_position_embeddings)
     conversation = make_chat(m, tokenizer, max_tokens=max_tokens, **settings)
     console = Console(soft_wrap=True, highlight=False)
@@ -247,7 +246,7 @@ def generate(
     With --tools, the model's calls run, and their results go back to it.
     """
     from .documents import document_message, read_stdin
-    from .repl import stats_line
+    from .figures import stats_line
     from .tool_loop import tool_rounds
 
     global json_errors
@@ -270,7 +269,7 @@ def generate(
         fail("prompt: empty")
     else:
         message = prompt
-    m, tokenizer = load_planned(p, shared["chat_template"])
+    m, tokenizer = load_planned(p, shared["chat_template"], shared["mtp"])
     conversation = make_chat(m, tokenizer, max_tokens=capped_max_tokens(max_tokens, context), **settings)
     gen = run_or_fail(conversation.send, message, images=image, videos=video, stop=stop)
     open_line = {"reasoning": False, "answer": False}  # text written without a final newline

@@ -79,6 +79,16 @@ def _shared_options(
     kv_bits: Optional[int] = typer.Option(
         None, "--kv-bits", help="Quantize the attention KV cache to 4 or 8 bits (long contexts)."
     ),
+    mtp: Optional[bool] = typer.Option(
+        None,
+        "--mtp/--no-mtp",
+        help="Speculative decoding with the model's MTP head: the same output, several tokens a step when its "
+        "drafts hit. Default: on an Apple GPU.",
+        show_default=False,
+    ),
+    num_draft_tokens: int = typer.Option(
+        2, "--num-draft-tokens", min=1, max=8, help="With --mtp: the most tokens drafted a step (fewer while they miss)."
+    ),
     chat_template: Optional[Path] = typer.Option(
         None,
         "--chat-template",

@@ -39,7 +39,11 @@ def stream_generate(
     ``seed``, ``kv_bits`` (4 or 8 quantizes the attention KV cache) and
     ``tools`` (OpenAI function schemas or Python functions: the reply's
     calls come back as ``result.tool_calls``, streamed as "tool_call"
-    pieces, with finish reason "tool_calls"). The
+    pieces, with finish reason "tool_calls"), ``mtp`` and
+    ``num_draft_tokens`` (speculative decoding with the model's MTP head,
+    loaded with ``load(..., mtp=True)``: up to that many drafted tokens a
+    step, verified at once; same output, ``result.draft_tokens`` and
+    ``accepted_draft_tokens`` count them). The
     prompt is rendered with the checkpoint's chat template, thinking on or
     off. Iterate the returned :class:`Generation` for pieces; its ``result``
     holds the texts and statistics afterwards. ``sampling`` defaults to the
@@ -52,7 +56,7 @@ def stream_generate(
     """
     s = Settings(**settings)
     turn = prepare(model, tokenizer, s, prompt, images=images, videos=videos, stop=stop, processors=processors)
-    return run(model, tokenizer, turn.request, model.make_cache(s.kv_bits))
+    return run(model, tokenizer, turn.request, model.make_cache(s.kv_bits, mtp=turn.request.draft_tokens > 0))
 
 
 def generate(model: Model, tokenizer: TokenizerWrapper, prompt: Prompt, **options: Any) -> GenerationResult:

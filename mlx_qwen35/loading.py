@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .errors import Qwen35Error
 from .model import Model
 from .ops import prepare
+from .ops.dispatch import drafting_pays
 from .weights import Checkpoint
 
 # What a checkpoint needs besides its weights; nothing executable.
@@ -56,7 +57,7 @@ def load_model(
     *,
     dtype: Optional[mx.Dtype] = None,
     vision: bool = True,
-    mtp: bool = False,
+    mtp: Optional[bool] = None,
     lazy: bool = False,
 ) -> Model:
     """Build the model from any supported checkpoint layout.
@@ -65,15 +66,20 @@ def load_model(
     so the vision tower costs no memory until an image arrives. ``dtype``
     casts floating weights (quantized ones stay quantized). ``lazy`` skips
     that evaluation: nothing is read, yet every array's shape and dtype (so
-    the bytes it will take) are known.
+    the bytes it will take) are known. ``mtp`` builds the multi-token-prediction
+    head when the checkpoint has one (None: where drafting with it pays, an Apple GPU).
     """
+    if mtp is None:
+        mtp = drafting_pays()
     model = Checkpoint.open(resolve(path_or_id)).build(vision=vision, mtp=mtp)
     if dtype is not None:
         model.cast(dtype)
-    prepare(model.language_model)  # float32-BLAS projections where the CPU paths apply
+    text = [model.language_model] + ([model.mtp] if model.has_mtp else [])
+    for part in text:
+        prepare(part)  # float32-BLAS projections where the CPU paths apply
     model.language_model.dtype = run_dtype(model)
     if not lazy:
-        mx.eval(model.language_model.parameters())
+        mx.eval([part.parameters() for part in text])
     return model
 
 
@@ -87,16 +93,16 @@ def run_dtype(model: Model) -> mx.Dtype:
     return Counter(floats).most_common(1)[0][0] if floats else mx.float32
 
 
-def load(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None):
+def load(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None, mtp: Optional[bool] = None):
     """Load ``(model, tokenizer)`` from a local folder or a hub id.
 
     Accepts our converted folders, raw Hugging Face checkpoints (converted in
-    memory), and folders converted by mlx-lm or mlx-vlm.
+    memory), and folders converted by mlx-lm or mlx-vlm. ``mtp``: as :func:`load_model`.
     """
     from .tokenizer import load_tokenizer
 
     folder = resolve(path_or_id)
-    return load_model(folder, dtype=dtype), load_tokenizer(folder)
+    return load_model(folder, dtype=dtype, mtp=mtp), load_tokenizer(folder)
 
 
 __all__ = ["load", "load_model", "resolve", "run_dtype", "ModelConfig"]

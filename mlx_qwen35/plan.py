@@ -56,6 +56,7 @@ class Plan:
     dtype: Optional[mx.Dtype] = None
     quantize_bits: Optional[int] = None
     notes: tuple[str, ...] = field(default=())
+    mtp: Optional[bool] = None  # build the MTP head (None: where drafting pays)
 
 
 def plan(
@@ -132,11 +133,11 @@ def _plan_folder(folder: Path, ckpt: Checkpoint, requested: str, precision: str,
 
 def build(p: Plan, *, lazy: bool = False):
     """The model of a :class:`Plan`; ``lazy`` reads no weights (shapes and dtypes only)."""
-    model = load_model(p.folder, dtype=p.dtype, lazy=True)
+    model = load_model(p.folder, dtype=p.dtype, mtp=p.mtp, lazy=True)
     if p.quantize_bits is not None:
         quantize(model, QuantSpec(bits=p.quantize_bits))
     if not lazy:
-        mx.eval(model.language_model.parameters())
+        mx.eval(model.language_model.parameters(), model.mtp.parameters() if model.has_mtp else [])
     return model
 
 

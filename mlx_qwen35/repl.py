@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,7 +19,9 @@ from rich.text import Text
 from .cli_tools import call_line, result_line
 from .documents import document_message
 from .errors import Qwen35Error
+from .figures import Totals, stats_line
 from .processor import load_image
+from .turn import draft_tokens
 from .video import load_video
 
 PROMPT = "› "
@@ -33,6 +34,7 @@ Type a message and press Enter; the answer streams, reasoning dimmed above it.
   /budget N|off       end reasoning after about N tokens
   /max N              longest answer, in tokens (reasoning included)
   /system TEXT        set the system prompt (/system alone removes it)
+  /mtp on|off|N       speculative decoding with the model's MTP head (N: most drafts a step)
   /file PATH [TEXT]   send a text file, followed by TEXT if given (quote a PATH with spaces)
   /image PATH         attach an image to the next message (repeatable)
   /video PATH         attach a video to the next message: an animated GIF or a folder of frames
@@ -51,60 +53,8 @@ or clears the line being typed. Arrow keys recall earlier input. With --tools,
 the model's calls run and their results go back to it (shown dimmed)."""
 
 
-def rate(tokens_per_s: float) -> str:
-    """A speed in tok/s: one decimal, or two significant digits below 1 (CPU runs of big models)."""
-    return f"{tokens_per_s:.1f}" if tokens_per_s >= 1 else f"{tokens_per_s:.2g}"
-
-
-def stats_line(r) -> str:
-    """One turn's figures: prompt tokens (of which prefilled now), speeds, peak memory."""
-    line = (
-        f"prompt {r.prompt_tokens} tok ({r.prefilled_tokens} new) {rate(r.prompt_tps)} tok/s │ "
-        f"generated {r.generation_tokens} tok {rate(r.generation_tps)} tok/s │ peak {r.peak_memory_gb:.2f} GB"
-    )
-    if r.finish_reason == "length":
-        line += " │ hit the token limit"
-    elif r.finish_reason == "context":
-        line += " │ hit the model's context length"
-    return line
-
-
 def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
-
-
-@dataclass
-class Totals:
-    """Cumulative figures over every turn of a session (across /reset and /load)."""
-
-    turns: int = 0
-    prompt: int = 0
-    prefilled: int = 0
-    generated: int = 0
-    prefill_s: float = 0.0
-    generate_s: float = 0.0
-    peak_gb: float = 0.0
-    interrupted: int = 0
-
-    def add(self, r) -> None:
-        self.turns += 1
-        self.prompt += r.prompt_tokens
-        self.prefilled += r.prefilled_tokens
-        self.generated += r.generation_tokens
-        self.prefill_s += r.prefilled_tokens / r.prompt_tps if r.prompt_tps else 0.0
-        self.generate_s += r.generation_tokens / r.generation_tps if r.generation_tps else 0.0
-        self.peak_gb = max(self.peak_gb, r.peak_memory_gb)
-        self.interrupted += r.finish_reason == "interrupted"
-
-    def line(self) -> str:
-        stopped = f" ({self.interrupted} stopped)" if self.interrupted else ""
-        return (
-            f"{self.turns} turn{'s' if self.turns != 1 else ''}{stopped} │ "
-            f"prompt {self.prompt} tok, {self.prefilled} prefilled at "
-            f"{rate(self.prefilled / max(self.prefill_s, 1e-9))} tok/s │ "
-            f"generated {self.generated} tok at {rate(self.generated / max(self.generate_s, 1e-9))} tok/s │ "
-            f"peak {self.peak_gb:.2f} GB"
-        )
 
 
 class Repl:
@@ -125,6 +75,7 @@ class Repl:
             "budget": self.cmd_budget,
             "max": self.cmd_max,
             "system": self.cmd_system,
+            "mtp": self.cmd_mtp,
             "file": self.cmd_file,
             "image": self.cmd_image,
             "video": self.cmd_video,
@@ -295,6 +246,18 @@ class Repl:
                 capped = " (capped at the model's context)"
             self.chat.max_tokens = min(int(arg), self.context)
         self.note(f"answers up to {self.chat.max_tokens} tokens{capped}")
+
+    def cmd_mtp(self, arg: str) -> None:
+        if arg:
+            if arg.lower() not in ("on", "off") and not (arg.isdecimal() and 1 <= int(arg) <= 8):
+                raise Qwen35Error(f"/mtp: expected on, off or a number of drafts from 1 to 8, got {arg!r}")
+            if arg.lower() != "off" and not self.chat.model.has_mtp:
+                raise Qwen35Error("/mtp: this model has no MTP head loaded (start with --mtp)")
+            self.chat.mtp = arg.lower() != "off"
+            if arg.isdecimal():
+                self.chat.num_draft_tokens = int(arg)
+        on = draft_tokens(self.chat.model, self.chat)
+        self.note(f"speculative decoding {f'on, up to {on} drafts a step' if on else 'off'}")
 
     def cmd_system(self, arg: str) -> None:
         self.chat.system = arg or None

@@ -114,13 +114,16 @@ def load(cls, path: Union[str, Path], model, tokenizer, tools=None):
         raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
     if meta["version"] == 2 and isinstance(meta.get("settings"), dict):  # before tools: none, and no reply kept
         meta = {**meta, "reply_tokens": [], "settings": {**meta["settings"], "tools": None}}
-    _check_meta(path, meta, len(model.make_cache()))
+    n_layers = len(model.make_cache())  # without the MTP head's layer, which a file may hold or not
+    saved = len(meta.get("kv_offsets") or ())
+    _check_meta(path, meta, saved if saved in (n_layers, n_layers + 1) else n_layers)
     if meta["model"] != model_identity(model):
         raise Qwen35Error(f"{path}: saved with a different model; load it with the model it was saved with")
     settings = dict(meta["settings"])
     settings["sampling"] = None if settings["sampling"] is None else Sampling(**settings["sampling"])
     settings["tools"] = _bind(settings["tools"], tools)
     chat = cls(model, tokenizer, **settings)
+    chat.cache = chat.cache[:saved]  # saved without the head's layer: this conversation decodes plainly
     chat.messages = meta["messages"]
     chat.tokens, chat.reply_tokens = meta["tokens"], meta["reply_tokens"]
     layers = _by_layer(arrays)

@@ -17,6 +17,7 @@ from .engine import Request
 from .errors import Qwen35Error
 from .media import Media, load_media, prompt_inputs, user_content
 from .processor import ImageSource
+from .ops.dispatch import drafting_pays
 from .reasoning import thinking_opened
 from .sampling import Sampling, default_sampling
 from .tokenizer import render_text
@@ -45,6 +46,9 @@ class Settings:
     seed: Optional[int] = _setting(None, _INT, "an integer or null")
     # OpenAI function schemas or Python functions the model may call
     tools: Optional[list[Tool]] = _setting(None, (list, type(None)), "a list of function schemas or null")
+    # speculative decoding with the MTP head; None: where it pays (drafting_pays)
+    mtp: Optional[bool] = _setting(None, (bool, type(None)), "true, false or null")
+    num_draft_tokens: int = _setting(2, int, "a number of tokens")  # the most drafted a step (fewer while they miss)
 
 
 @dataclass
@@ -64,6 +68,16 @@ def messages_of(prompt: Prompt, media: Sequence[Media] = ()) -> list[dict]:
     if not messages:
         raise Qwen35Error("messages: empty")
     return messages
+
+
+def draft_tokens(model, settings: Settings) -> int:
+    """The most tokens the MTP head drafts a step under ``settings``: 0 decodes plainly."""
+    if settings.num_draft_tokens < 0:
+        raise Qwen35Error(f"num_draft_tokens: must be ≥ 0, got {settings.num_draft_tokens}")
+    if settings.mtp and not model.has_mtp:
+        raise Qwen35Error("mtp: this model has no MTP head (the checkpoint has none, or it was loaded with mtp=False)")
+    on = settings.mtp if settings.mtp is not None else model.has_mtp and drafting_pays()
+    return settings.num_draft_tokens if on else 0
 
 
 def prepare(
@@ -102,5 +116,6 @@ def prepare(
         seed=settings.seed,
         tools=schemas,
         processors=tuple(processors),
+        draft_tokens=draft_tokens(model, settings),
     )
     return Turn(messages, media, request)

@@ -70,7 +70,7 @@ def test_quantized_kv_is_used_and_within_the_stated_error(chat_model, bits):
     exact = stream_generate(model, tok, prompt, sampling=GREEDY, max_tokens=2)
     list(exact)
     try:
-        Model.make_cache = lambda self, kv_bits=None: made.append(real(self, kv_bits)) or made[-1]
+        Model.make_cache = lambda self, kv_bits=None, **kw: made.append(real(self, kv_bits, **kw)) or made[-1]
         gen = stream_generate(model, tok, prompt, sampling=GREEDY, max_tokens=2, kv_bits=bits)
         list(gen)
     finally:
@@ -84,7 +84,7 @@ def test_quantized_kv_is_used_and_within_the_stated_error(chat_model, bits):
 def test_kv_bits_option_reaches_the_cache(chat_model_dir, monkeypatch, command, extra):
     made = []
     real = Model.make_cache
-    monkeypatch.setattr(Model, "make_cache", lambda self, kv_bits=None: made.append(real(self, kv_bits)) or made[-1])
+    monkeypatch.setattr(Model, "make_cache", lambda self, kv_bits=None, **kw: made.append(real(self, kv_bits, **kw)) or made[-1])
     r = CliRunner().invoke(
         app, [command, "--model", str(chat_model_dir), "--temp", "0", "--max-tokens", "2", "--kv-bits", "4", *extra],
         input="Hello\n",

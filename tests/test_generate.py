@@ -160,7 +160,7 @@ def test_each_token_goes_out_before_an_eager_step(chat_model, monkeypatch, gemv,
     monkeypatch.setenv(ENV_GEMV, gemv)
     cache = model.make_cache()
     logits = prefill(model, [1000, 1001, 1002], cache)
-    calls = spy(monkeypatch, type(model), "__call__")
+    calls = spy(monkeypatch, type(model.language_model), "hidden_states")
     control, sampler = ThinkingControl(None, reasoning=False, budget=None), make_sampler(GREEDY)
     tokens = decode_tokens(model, logits, cache, sampler=sampler, processors=[], control=control, max_tokens=3)
     next(tokens)

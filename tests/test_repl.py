@@ -22,7 +22,8 @@ from mlx_qwen35 import session
 from mlx_qwen35.chat import Chat
 from mlx_qwen35.engine import GenerationResult
 from mlx_qwen35.documents import MAX_TOKEN_BYTES, document_message
-from mlx_qwen35.repl import Repl, Totals, stats_line
+from mlx_qwen35.figures import Totals, stats_line
+from mlx_qwen35.repl import Repl
 from mlx_qwen35.sampling import Sampling
 
 GREEDY = Sampling(temperature=0.0)

@@ -22,7 +22,7 @@ from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generate import generate, stream_generate
 from mlx_qwen35.loading import load_model
 from mlx_qwen35.reasoning import CLOSING
-from mlx_qwen35.repl import stats_line
+from mlx_qwen35.figures import stats_line
 from mlx_qwen35.sampling import Sampling
 from mlx_qwen35.tokenizer import load_tokenizer, render_prompt
 

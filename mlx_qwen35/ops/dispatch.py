@@ -67,6 +67,15 @@ def numpy_gemv(rows: int, weight_dtype: mx.Dtype) -> bool:
     return weight_dtype == mx.float32 and rows <= GEMV_ROWS and _switch(ENV_GEMV) is not False and cpu_paths()
 
 
+def drafting_pays() -> bool:
+    """Whether speculative decoding with the MTP head is on by default: where verifying a few tokens costs about one step.
+
+    On an Apple GPU decode is bandwidth-bound and k + 1 rows read the same
+    weights; on the CPU each extra row still costs (bench/mtp.py).
+    """
+    return on_metal()
+
+
 def has_fast() -> bool:
     # MLX releases before 0.32.4 lack it.
     return hasattr(mx.fast, "gated_delta_update")

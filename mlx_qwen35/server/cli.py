@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import replace
 from inspect import signature
 from pathlib import Path
 from typing import Optional
@@ -86,7 +87,8 @@ def serve(
     except OSError as e:
         fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
     p = plan_model(model, precision)
-    load = lambda: load_plan(p, chat_template)  # noqa: E731 - runs on the worker's thread
+    # Batched decoding does not draft: the MTP head stays unloaded
+    load = lambda: load_plan(replace(p, mtp=False), chat_template)  # noqa: E731 - runs on the worker's thread
     worker = Worker(load, queue_size=queue_size, cache_memory=cache_bytes, kv_bits=kv_bits, batch_size=batch_size)
     with err.status(f"loading {p.folder.name} ({p.precision})", spinner="dots"):
         run_or_fail(worker.start)
