@@ -114,6 +114,8 @@ def load(cls, path: Union[str, Path], model, tokenizer, tools=None):
         raise Qwen35Error(f"{path}: damaged or modified (its checksum does not match)")
     if meta["version"] == 2 and isinstance(meta.get("settings"), dict):  # before tools: none, and no reply kept
         meta = {**meta, "reply_tokens": [], "settings": {**meta["settings"], "tools": None}}
+    if isinstance(meta.get("settings"), dict):  # saved before MTP drafting: its defaults
+        meta["settings"] = {"mtp": None, "num_draft_tokens": Settings.num_draft_tokens, **meta["settings"]}
     n_layers = len(model.make_cache())  # without the MTP head's layer, which a file may hold or not
     saved = len(meta.get("kv_offsets") or ())
     _check_meta(path, meta, saved if saved in (n_layers, n_layers + 1) else n_layers)
@@ -196,7 +198,8 @@ def _check_meta(path: Path, meta: dict, layers: int) -> None:
     """Every key load reads, with its type: a malformed session is one line naming the key, not a KeyError."""
 
     def is_a(value, kinds) -> bool:
-        return isinstance(value, kinds) and (not isinstance(value, bool) or kinds is bool)  # True is an int too
+        # True is an int too
+        return isinstance(value, kinds) and (not isinstance(value, bool) or kinds is bool or bool in kinds)
 
     def check(where: str, d: dict, schema: dict) -> None:
         for key, (kinds, expected) in schema.items():

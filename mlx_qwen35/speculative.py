@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator, Optional, Sequence
+from typing import Any, Callable, Collection, Generator, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
@@ -62,6 +62,27 @@ class DraftPolicy:
     def record(self, k: int, tokens: int, seconds: float) -> None:
         r = tokens / max(seconds, 1e-9)
         self.rate[k] = r if k not in self.rate else (1 - self.EMA) * self.rate[k] + self.EMA * r
+
+
+def accept(
+    ps: list[mx.array], drafts: list[int], qs: list[mx.array], draw: Callable[[mx.array], int], greedy: bool
+) -> tuple[int, int]:
+    """How many drafts the model accepts, and its token after them.
+
+    ``ps[j]`` is the model's distribution for the token after ``drafts[:j]``
+    (k + 1 of them), ``qs[j]`` the one ``drafts[j]`` was drawn from. A draft
+    stands with probability min(1, p/q); after a rejection the token is
+    drawn from the normalised max(p - q, 0) (greedy: the model's argmax).
+    """
+    for j, d in enumerate(drafts):
+        p = ps[j]
+        if greedy:
+            ok = d == int(mx.argmax(p).item())
+        else:
+            ok = mx.random.uniform().item() * qs[j][d].item() < p[d].item()
+        if not ok:
+            return j, draw(p if greedy else mx.maximum(p - qs[j], 0))
+    return len(drafts), draw(ps[len(drafts)])
 
 
 def draft_head(model, vocab: Optional[int]) -> Callable[[mx.array], mx.array]:
@@ -144,30 +165,20 @@ def speculative_tokens(
             qs = [mx.zeros(q.shape).at[t].add(1.0) for q, t in zip(qs, tokens)]
         return tokens, qs
 
-    def verify(rows: mx.array, drafts: list[int], qs: list[mx.array]) -> tuple[int, int]:
-        """How many drafts the model accepts, and its token after them (a draw from the residual after a rejection)."""
-        history = generated[:]
-        for j, d in enumerate(drafts):
-            p = dist(rows[j], history)
-            if greedy:
-                ok = d == int(mx.argmax(p).item())
-            else:
-                ok = mx.random.uniform().item() * qs[j][d].item() < p[d].item()
-            if not ok:
-                return j, draw(p if greedy else mx.maximum(p - qs[j], 0))
-            history.append(d)
-        return len(drafts), draw(dist(rows[len(drafts)], history))
+    def closing(forced: list[int]) -> Generator[int, None, Optional[int]]:
+        """Hand out and feed the closing of reasoning as one chunk; the model's next token (None at the limit)."""
+        forced = forced[: max_tokens - len(generated)]
+        generated.extend(forced)
+        yield from forced
+        return None if len(generated) == max_tokens else feed(forced)
 
     y = draw(dist(logits, generated))
     while True:
         forced = control.observe(y)
-        if forced is not None:  # the closing of reasoning, fed as one chunk
-            forced = forced[: max_tokens - len(generated)]
-            generated.extend(forced)
-            yield from forced
-            if len(generated) == max_tokens:
+        if forced is not None:
+            y = yield from closing(forced)
+            if y is None:
                 return
-            y = feed(forced)
             continue
         generated.append(y)
         yield y
@@ -182,33 +193,33 @@ def speculative_tokens(
         start, before = time.perf_counter(), hybrid.offset(main)
         drafts, qs = draft(y, k)
         h, rows = run([y] + drafts, record=True)
-        accepted, y_next = verify(rows, drafts, qs)
+        ps = [dist(rows[j], generated + drafts[:j]) for j in range(k + 1)]
+        accepted, y_next = accept(ps, drafts, qs, draw, greedy)
         policy.record(k, 1 + accepted, time.perf_counter() - start)
         stats.drafted += k
         stats.accepted += accepted
-        # Accepted drafts go out one by one as sampled tokens would: reasoning control, a stop or the limit may cut them.
-        kept, forced, last = accepted, None, False
-        for j, d in enumerate(drafts[:accepted]):
-            forced = control.observe(d)
-            if forced is not None:
-                kept = j
-                break
-            generated.append(d)
-            yield d
-            if d in stop or len(generated) == max_tokens:
-                kept, last = j, True  # d is not fed
-                break
-        hybrid.keep(main, before, 1 + kept)
-        mcache.rewind(before)  # the draft chain's entries go; the accepted tokens' states are pending
-        mtp.append(mcache, h[:, : 1 + kept], mx.array([y] + drafts[:kept])[None])
+        # Accepted drafts go out one by one as sampled tokens would: reasoning control, a stop or the limit may cut
+        # them. The layers keep what went out (a stop token, or the limit's, not fed), even if the caller stops here.
+        kept, forced, last = 0, None, False
+        try:
+            for d in drafts[:accepted]:
+                forced = control.observe(d)
+                if forced is not None:
+                    break
+                generated.append(d)
+                last = d in stop or len(generated) == max_tokens
+                kept += not last
+                yield d
+                if last:
+                    break
+        finally:
+            hybrid.keep(main, before, 1 + kept)
+            mcache.rewind(before)  # the draft chain's entries go; the kept tokens' states are pending
+            mtp.append(mcache, h[:, : 1 + kept], mx.array([y] + drafts[:kept])[None])
         if last:
             return
-        if forced is not None:
-            forced = forced[: max_tokens - len(generated)]
-            generated.extend(forced)
-            yield from forced
-            if len(generated) == max_tokens:
-                return
-            y = feed(forced)
-            continue
         y = y_next
+        if forced is not None:
+            y = yield from closing(forced)
+            if y is None:
+                return

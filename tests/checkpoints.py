@@ -155,19 +155,27 @@ def build_hf_checkpoint(
     # round its float32 buffers (the rotary inv_freq) and skew the reference.
     model.save_pretrained(path, state_dict={k: stored(k, v) for k, v in model.state_dict().items()})
     if with_mtp and text.get("mtp_num_hidden_layers", 0):
-        mtp = {k: torch.from_numpy(v).to(tdtype).contiguous() for k, v in mtp_tensors(text, seed + 1).items()}
-        save_file(mtp, str(path / "mtp.safetensors"), metadata={"format": "pt"})
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            idx = json.loads(index.read_text())
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
-                idx = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
-        idx["weight_map"].update({k: "mtp.safetensors" for k in mtp})
-        index.write_text(json.dumps(idx, indent=2))
+        add_mtp(path, text, seed + 1, dtype)
     return model
+
+
+def add_mtp(path: Path, text: dict = TEXT, seed: int = 1, dtype: str = "float32") -> None:
+    """Add a random MTP head (``mtp.safetensors``, in the index) to the checkpoint in ``path``."""
+    import torch
+    from safetensors.torch import save_file
+
+    mtp = {k: torch.from_numpy(v).to(getattr(torch, dtype)).contiguous() for k, v in mtp_tensors(text, seed).items()}
+    save_file(mtp, str(path / "mtp.safetensors"), metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        idx = json.loads(index.read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            idx = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+    idx["weight_map"].update({k: "mtp.safetensors" for k in mtp})
+    index.write_text(json.dumps(idx, indent=2))
 
 
 def write_tiny_tokenizer(folder: Path) -> None:
