@@ -290,7 +290,8 @@ def generate(
     r = gen.result
     calls += [call_json(call) for call in r.tool_calls]  # the last reply's calls did not run
     if as_json:
-        stats = ("prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps", "generation_tps")
+        stats = ("prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps", "generation_tps",
+                 "draft_tokens", "accepted_draft_tokens")
         stats = {k: getattr(r, k) for k in (*stats, "peak_memory_gb")}
         reply = {"reasoning": r.reasoning, "text": r.text, "finish_reason": r.finish_reason, "stats": stats}
         reply["tool_calls"] = calls

@@ -13,7 +13,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import TEXT, add_mtp
+from checkpoints import TEXT, add_mtp, mtp_tensors
 
 from mlx_qwen35 import Chat, generate
 from mlx_qwen35.engine import decode_tokens, prefill
@@ -31,13 +31,18 @@ PROMPT = list(range(300, 340))
 
 
 @pytest.fixture(scope="module")
-def mtp_model(chat_model_dir, tmp_path_factory):
-    """The chat model with a random MTP head added."""
+def mtp_dir(chat_model_dir, tmp_path_factory):
+    """The chat model's folder with a random MTP head added."""
     path = tmp_path_factory.mktemp("mtp_model")
     for f in chat_model_dir.iterdir():
         shutil.copyfile(f, path / f.name)
     add_mtp(path, dict(TEXT, vocab_size=248320))
-    model, tok = load(path, mtp=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mtp_model(mtp_dir):
+    model, tok = load(mtp_dir, mtp=True)
     assert model.has_mtp
     return model, tok
 
@@ -220,3 +225,90 @@ def test_sampled_tokens_follow_the_target_distribution(mtp_model):
     chi2 = sum((o - e) ** 2 / e for e, o in cells if e >= 1)
     dof = sum(e >= 1 for e, _ in cells) - 1
     assert chi2 < CHI2_999[dof], (chi2, dof)
+
+
+def test_head_matches_its_definition_on_transformers_layers(mtp_model):
+    """The head's output for (hidden, next token) pairs against the same weights in transformers' own modules:
+    its RMSNorms, a full-attention decoder layer and rotary embedding, with the fc and concatenation order as
+    vLLM's Qwen3-Next MTP reads them (embedding first)."""
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import (
+        Qwen3_5DecoderLayer,
+        Qwen3_5RMSNorm,
+        Qwen3_5TextConfig,
+        Qwen3_5TextRotaryEmbedding,
+    )
+
+    from conftest import rel_err
+    from mlx_qwen35.model.mtp import MTPCache
+
+    model, _ = mtp_model
+    text = dict(TEXT, vocab_size=248320)
+    w = {k: torch.from_numpy(v) for k, v in mtp_tensors(text, 1).items()}  # add_mtp's head
+    cfg = Qwen3_5TextConfig(**text)
+    full = cfg.layer_types.index("full_attention")
+    layer = Qwen3_5DecoderLayer(cfg, full).eval()
+    layer.load_state_dict({k[len("mtp.layers.0."):]: v for k, v in w.items() if k.startswith("mtp.layers.0.")})
+    norm = lambda name: Qwen3_5RMSNorm(text["hidden_size"], cfg.rms_norm_eps).eval()
+    norms = {n: norm(n) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+    for n, m in norms.items():
+        m.weight.data = w[f"mtp.{n}.weight"]
+
+    T = 7
+    tokens = mx.array([[11, 500, 4000, 17, 248000, 9, 31]])
+    hidden = mx.random.normal((1, T, text["hidden_size"]), key=mx.random.key(3))
+    ours = model.mtp(model.language_model.embed(tokens), hidden, MTPCache())
+    e = torch.from_numpy(np.array(model.language_model.embed(tokens)))
+    h = torch.from_numpy(np.array(hidden))
+    with torch.no_grad():
+        x = torch.cat([norms["pre_fc_norm_embedding"](e), norms["pre_fc_norm_hidden"](h)], dim=-1) @ w["mtp.fc.weight"].T
+        positions = torch.arange(T)[None, None].expand(3, 1, T)
+        rope = Qwen3_5TextRotaryEmbedding(cfg)(x, positions)
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        ref = norms["norm"](layer(x, position_embeddings=rope, attention_mask=mask, position_ids=positions))
+    assert rel_err(ours, ref.numpy()) < 1e-5
+
+
+def test_repl_mtp_command_and_acceptance_in_the_figures(mtp_model, chat_model):
+    from test_repl import output, repl_for
+
+    from mlx_qwen35.figures import stats_line
+
+    model, tok = mtp_model
+    chat = Chat(model, tok, sampling=GREEDY, max_tokens=10)
+    repl = repl_for(chat, ["/mtp 3", "Hello.", "/mtp off", "Hi.", "/mtp maybe", "/mtp 9", "/mtp"])
+    repl.run()
+    out = output(repl)
+    drafted, plain = chat.history
+    assert drafted.draft_tokens > 0 and plain.draft_tokens == 0
+    assert "speculative decoding on, up to 3 drafts a step" in out
+    assert f"drafts {drafted.accepted_draft_tokens}/{drafted.draft_tokens} accepted" in stats_line(drafted)
+    assert stats_line(drafted) in out and "drafts" not in stats_line(plain)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: /mtp: expected on, off or a number of drafts from 1 to 8, got 'maybe'",
+        "error: /mtp: expected on, off or a number of drafts from 1 to 8, got '9'",
+    ]
+    assert out.rstrip().endswith("speculative decoding off")
+    base, _ = chat_model
+    if not base.has_mtp:
+        repl = repl_for(Chat(base, tok, max_tokens=4), ["/mtp on"])
+        repl.run()
+        assert "error: /mtp: this model has no MTP head loaded (start with --mtp)" in output(repl)
+
+
+def test_cli_generate_with_mtp(mtp_dir, chat_model_dir):
+    import json
+
+    from test_cli import invoke
+
+    args = ["generate", "--prompt", "Name a bird.", "--temp", "0", "--max-tokens", "12", "--json"]
+    off = invoke(*args, "--model", mtp_dir, "--no-mtp")
+    on = invoke(*args, "--model", mtp_dir, "--mtp", "--num-draft-tokens", "3")
+    assert off.exit_code == 0 and on.exit_code == 0, on.output
+    off, on = json.loads(off.stdout.splitlines()[-1]), json.loads(on.stdout.splitlines()[-1])
+    assert on["text"] == off["text"] and on["stats"]["generation_tokens"] == off["stats"]["generation_tokens"]
+    assert on["stats"]["draft_tokens"] > 0 and off["stats"]["draft_tokens"] == 0
+    headless = invoke(*args, "--model", chat_model_dir, "--mtp")
+    assert headless.exit_code != 0
+    assert "mtp: this model has no MTP head" in headless.output and "Traceback" not in headless.output
