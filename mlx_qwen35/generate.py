@@ -43,7 +43,8 @@ def stream_generate(
     ``num_draft_tokens`` (speculative decoding with the model's MTP head,
     loaded with ``load(..., mtp=True)``: up to that many drafted tokens a
     step, verified at once; same output, ``result.draft_tokens`` and
-    ``accepted_draft_tokens`` count them). The
+    ``accepted_draft_tokens`` count them; ``draft_vocab`` N drafts from
+    the first N token ids only, a cheaper head). The
     prompt is rendered with the checkpoint's chat template, thinking on or
     off. Iterate the returned :class:`Generation` for pieces; its ``result``
     holds the texts and statistics afterwards. ``sampling`` defaults to the

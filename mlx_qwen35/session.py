@@ -115,7 +115,8 @@ def load(cls, path: Union[str, Path], model, tokenizer, tools=None):
     if meta["version"] == 2 and isinstance(meta.get("settings"), dict):  # before tools: none, and no reply kept
         meta = {**meta, "reply_tokens": [], "settings": {**meta["settings"], "tools": None}}
     if isinstance(meta.get("settings"), dict):  # saved before MTP drafting: its defaults
-        meta["settings"] = {"mtp": None, "num_draft_tokens": Settings.num_draft_tokens, **meta["settings"]}
+        meta["settings"] = {"mtp": None, "num_draft_tokens": Settings.num_draft_tokens, "draft_vocab": None,
+                            **meta["settings"]}
     n_layers = len(model.make_cache())  # without the MTP head's layer, which a file may hold or not
     saved = len(meta.get("kv_offsets") or ())
     _check_meta(path, meta, saved if saved in (n_layers, n_layers + 1) else n_layers)

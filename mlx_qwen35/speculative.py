@@ -38,7 +38,11 @@ class DraftStats:
 
 
 class DraftPolicy:
-    """How many tokens to draft next: the count whose measured tokens/s is best, its neighbours re-tried now and then."""
+    """How many tokens to draft next: the count whose measured tokens/s is best, its neighbours re-tried now and then.
+
+    The most drafts and none (plain steps) are measured first, so drafts that
+    keep missing cost one round before decoding goes plain.
+    """
 
     PROBE = 8  # rounds between tries of a neighbouring count
     EMA = 0.3  # weight of the newest round in a count's rate
@@ -50,8 +54,11 @@ class DraftPolicy:
         self.rounds = 0
 
     def choose(self) -> int:
-        if not self.adaptive or not self.rate:
+        if not self.adaptive:
             return self.k
+        untried = [k for k in (self.k_max, 0) if k not in self.rate]
+        if untried:
+            return untried[0]
         self.rounds += 1
         self.k = max(self.rate, key=self.rate.get)
         if self.rounds % self.PROBE == 0:  # alternately one fewer and one more
@@ -61,7 +68,8 @@ class DraftPolicy:
 
     def record(self, k: int, tokens: int, seconds: float) -> None:
         r = tokens / max(seconds, 1e-9)
-        self.rate[k] = r if k not in self.rate else (1 - self.EMA) * self.rate[k] + self.EMA * r
+        # A count in use averages its rounds; a probe's one round replaces an old figure of other conditions.
+        self.rate[k] = r if k not in self.rate or k != self.k else (1 - self.EMA) * self.rate[k] + self.EMA * r
 
 
 def accept(

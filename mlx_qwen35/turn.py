@@ -49,6 +49,7 @@ class Settings:
     # speculative decoding with the MTP head; None: where it pays (drafting_pays)
     mtp: Optional[bool] = _setting(None, (bool, type(None)), "true, false or null")
     num_draft_tokens: int = _setting(2, int, "a number of tokens")  # the most drafted a step (fewer while they miss)
+    draft_vocab: Optional[int] = _setting(None, _INT, "a number of tokens or null")  # drafts from the first N ids only
 
 
 @dataclass
@@ -117,5 +118,6 @@ def prepare(
         tools=schemas,
         processors=tuple(processors),
         draft_tokens=draft_tokens(model, settings),
+        draft_vocab=settings.draft_vocab,
     )
     return Turn(messages, media, request)

@@ -312,3 +312,30 @@ def test_cli_generate_with_mtp(mtp_dir, chat_model_dir):
     headless = invoke(*args, "--model", chat_model_dir, "--mtp")
     assert headless.exit_code != 0
     assert "mtp: this model has no MTP head" in headless.output and "Traceback" not in headless.output
+
+
+def test_policy_goes_plain_when_drafts_miss_and_back_when_they_hit():
+    policy = DraftPolicy(3)
+    assert policy.choose() == 3
+    policy.record(3, 1, 1.5)  # every draft missed: one token for 1.5 steps
+    assert policy.choose() == 0
+    policy.record(0, 1, 1.0)
+    picks = []
+    for _ in range(32):
+        k = policy.choose()
+        picks.append(k)
+        policy.record(k, 1, 1.0 if k == 0 else 1.5)
+    assert picks.count(0) >= 28  # the rest re-try drafting now and then
+    for _ in range(80):  # drafts start to hit: 3.4 tokens for 1.6 steps (one more draft is tried every 16 rounds)
+        k = policy.choose()
+        policy.record(k, {0: 1, 1: 1.9, 2: 2.7, 3: 3.4}[k], 1.0 if k == 0 else 1.2 + 0.13 * k)
+    assert policy.k == 3
+
+
+@pytest.mark.parametrize("vocab", [1000, 248320])
+def test_a_truncated_draft_head_keeps_the_output(mtp_model, vocab):
+    model, tok = mtp_model
+    opts = dict(max_tokens=12, sampling=GREEDY)
+    off = generate(model, tok, "Tell me about owls.", mtp=False, **opts)
+    on = generate(model, tok, "Tell me about owls.", mtp=True, draft_vocab=vocab, **opts)
+    assert on.tokens == off.tokens and on.draft_tokens > 0
