@@ -76,10 +76,10 @@ def test_generate_json_is_the_api_result(loaded, chat_model_dir):
     data = json.loads(r.stdout)
     api = mlx_qwen35.generate(model, tok, "Name three colors.", sampling=greedy("instruct"), max_tokens=12)
     assert (data["reasoning"], data["text"], data["finish_reason"]) == ("", api.text, api.finish_reason)
-    for k in ("prompt_tokens", "prefilled_tokens", "generation_tokens"):
+    for k in ("prompt_tokens", "prefilled_tokens", "generation_tokens", "draft_tokens", "accepted_draft_tokens"):
         assert data["stats"][k] == getattr(api, k)
     assert set(data["stats"]) == {"prompt_tokens", "prefilled_tokens", "generation_tokens", "prompt_tps",
-                                  "generation_tps", "peak_memory_gb"}
+                                  "generation_tps", "peak_memory_gb", "draft_tokens", "accepted_draft_tokens"}
 
     r = invoke("generate", "--model", chat_model_dir, "-p", "Why?", "--think", "--thinking-budget", 3, "--temp", "0",
                "--max-tokens", 30, "--json", "--system", "Be brief.")
