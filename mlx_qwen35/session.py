@@ -200,7 +200,8 @@ def _check_meta(path: Path, meta: dict, layers: int) -> None:
 
     def is_a(value, kinds) -> bool:
         # True is an int too
-        return isinstance(value, kinds) and (not isinstance(value, bool) or bool in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        kinds_ = kinds if isinstance(kinds, tuple) else (kinds,)
+        return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds_)
 
     def check(where: str, d: dict, schema: dict) -> None:
         for key, (kinds, expected) in schema.items():
