@@ -204,7 +204,8 @@ def chat(
     from .repl import Repl, plain_reader, terminal_reader
 
     settings = run_or_fail(settings_from, shared)
-    m, tokenizer = load_planned(plan_model(shared["model"], shared["precision"]), shared["chat_template"], shared["mtp"])
+    p = plan_model(shared["model"], shared["precision"])
+    m, tokenizer = load_planned(p, shared["chat_template"], shared["mtp"])
     max_tokens = capped_max_tokens(max_tokens, m.config.text.max_position_embeddings)
     conversation = make_chat(m, tokenizer, max_tokens=max_tokens, **settings)
     console = Console(soft_wrap=True, highlight=False)

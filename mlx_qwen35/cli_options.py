@@ -87,7 +87,11 @@ def _shared_options(
         show_default=False,
     ),
     num_draft_tokens: int = typer.Option(
-        2, "--num-draft-tokens", min=1, max=8, help="With --mtp: the most tokens drafted a step (fewer while they miss)."
+        2,
+        "--num-draft-tokens",
+        min=1,
+        max=8,
+        help="With --mtp: the most tokens drafted a step (fewer while they miss).",
     ),
     chat_template: Optional[Path] = typer.Option(
         None,

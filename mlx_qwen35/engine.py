@@ -321,7 +321,12 @@ def decoding(model, tokenizer, r: Request) -> tuple:
 
 
 def make_result(
-    r: Request, stream: TextStream, tokens: list[int], finish: str, times: list[float], drafts: DraftStats = DraftStats()
+    r: Request,
+    stream: TextStream,
+    tokens: list[int],
+    finish: str,
+    times: list[float],
+    drafts: DraftStats = DraftStats(),
 ) -> GenerationResult:
     """The result of ``r`` ending with ``finish``; ``times``: when it started and, once there, was prefilled."""
     end = time.perf_counter()

@@ -94,7 +94,11 @@ def accept(
 
 
 def draft_head(model, vocab: Optional[int]) -> Callable[[mx.array], mx.array]:
-    """The head's output layer: the model's, or its first ``vocab`` rows (token ids are in BPE merge order, commonest first)."""
+    """The head's output layer: the model's, or its first ``vocab`` rows.
+
+    Byte-level BPE numbers tokens in merge order, so the first ids are
+    roughly the commonest (FR-Spec, Zhao et al. 2025, drafts over such a subset).
+    """
     lm = model.language_model
     layer = lm.embed_tokens if lm.cfg.tie_word_embeddings else lm.lm_head
     rows = layer.weight.shape[0]
@@ -124,7 +128,7 @@ def speculative_tokens(
     draft_vocab: Optional[int] = None,
     propose: Optional[Callable[[list[int], list[int]], list[int]]] = None,
 ) -> Iterator[int]:
-    """As :func:`.engine.decode_tokens`, drafting with the MTP head; ``cache`` ends with its :class:`~.model.mtp.MTPCache`.
+    """As :func:`.engine.decode_tokens`, drafting with the MTP head (``cache`` ends with its ``MTPCache``).
 
     A token is fed only once it is accepted and handed out, and the last one
     (a stop token, or the limit's) is not fed, as in plain decoding.
