@@ -1,0 +1,215 @@
+/* y[M, N] = x[M, K] · w[N, K]ᵀ for 1 <= M <= 8, streaming each weight row once.
+ *
+ * Decode multiplies a few activation rows (one sequence, a speculative draft,
+ * a small batch) by each weight. A BLAS gemv reads the weight once per row and
+ * an sgemm packs it first; here each weight row is read once and multiplied
+ * with all M rows of x, which stay in L1. Tiles of R weight rows × M activation
+ * rows keep R·M independent accumulators, enough to hide the FMA latency.
+ * The weight is float32 or bfloat16 (its uint16 bits, widened by a shift).
+ * Threads split the N output rows.
+ */
+
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+typedef __m256 vf;
+
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vload_bf16(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+#else
+/* Portable: GCC / clang vector extensions, lowered to whatever SIMD the target has (NEON on arm64). */
+
+typedef float vf __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+
+static inline vf vzero(void) { return (vf){0}; }
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline vf vload_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu wide = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &wide, sizeof v);
+    return v;
+}
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline float vsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) s += v[i];
+    return s;
+}
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+static inline float widen(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* R weight rows from n times all M rows of x, into y[:, n : n + R]. R, M and BF16 are constants at every call,
+ * so the compiler unrolls the tile and keeps its accumulators in registers. */
+INLINE void tile(const float *x, const void *w, float *y, long K, long N, long n, int R, int M, int BF16) {
+    vf acc[4][8];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = vzero();
+    const float *wf = (const float *)w + n * K;
+    const uint16_t *wh = (const uint16_t *)w + n * K;
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        for (int r = 0; r < R; r++) {
+            vf wv = BF16 ? vload_bf16(wh + r * K + k) : vload(wf + r * K + k);
+            for (int m = 0; m < M; m++) acc[r][m] = vfma(wv, vload(x + m * K + k), acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int m = 0; m < M; m++) {
+            float s = vsum(acc[r][m]);
+            for (long j = k; j < K; j++) s += (BF16 ? widen(wh[r * K + j]) : wf[r * K + j]) * x[m * K + j];
+            y[m * N + n + r] = s;
+        }
+    }
+}
+
+/* Rows [n0, n1) in tiles of R(M) weight rows, R·M <= 12 accumulators; leftovers one weight row at a time. */
+#define ROWS(R, M, BF16)                                                                     \
+    do {                                                                                     \
+        long n = n0;                                                                         \
+        for (; n + (R) <= n1; n += (R)) tile(x, w, y, K, N, n, (R), (M), (BF16));            \
+        for (; n < n1; n++) tile(x, w, y, K, N, n, 1, (M), (BF16));                          \
+    } while (0)
+
+#define BY_M(BF16)                                                                           \
+    switch (M) {                                                                             \
+    case 1: ROWS(4, 1, BF16); break;                                                         \
+    case 2: ROWS(4, 2, BF16); break;                                                         \
+    case 3: ROWS(4, 3, BF16); break;                                                         \
+    case 4: ROWS(3, 4, BF16); break;                                                         \
+    case 5: ROWS(2, 5, BF16); break;                                                         \
+    case 6: ROWS(2, 6, BF16); break;                                                         \
+    case 7: ROWS(1, 7, BF16); break;                                                         \
+    default: ROWS(1, 8, BF16); break;                                                        \
+    }
+
+static void rows(const float *x, const void *w, int bf16, float *y, long M, long K, long N, long n0, long n1) {
+    if (bf16) BY_M(1) else BY_M(0)
+}
+
+struct job {
+    const float *x;
+    const void *w;
+    float *y;
+    long M, K, N, n0, n1;
+    int bf16;
+};
+
+static void run_job(const struct job *j) {
+    rows(j->x, j->w, j->bf16, j->y, j->M, j->K, j->N, j->n0, j->n1);
+}
+
+#define MAX_THREADS 64
+/* Below this many weight elements per thread, waking a thread costs more than its share of the product. */
+#define MIN_ELEMS_PER_THREAD (1L << 19)
+
+/* A persistent pool: creating and joining threads took ~40 µs a call, and decode makes ~170 calls a step
+ * (bench/NOTES.md). Workers sleep on a condition variable between calls. One call runs at a time. */
+static struct {
+    pthread_mutex_t call, lock; /* call: held for a whole product; lock: guards the fields below */
+    pthread_cond_t go, done;
+    int workers, count, pending; /* started workers; slices this call; slices workers still run */
+    unsigned long generation;    /* bumped once per call */
+    const struct job *jobs;
+    unsigned long first_generation[MAX_THREADS];
+} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .go = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    pthread_mutex_lock(&pool.lock);
+    for (unsigned long seen = pool.first_generation[id];; seen = pool.generation) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.go, &pool.lock);
+        if (id >= pool.count) continue;
+        pthread_mutex_unlock(&pool.lock);
+        run_job(&pool.jobs[id]);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+/* A forked child has none of the workers, and may have inherited the locks held. */
+static void forget_pool(void) {
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.go, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.workers = 0;
+}
+
+__attribute__((constructor)) static void on_load(void) { pthread_atfork(NULL, NULL, forget_pool); }
+
+/* Workers 1 .. threads - 1 (as many as start), under pool.lock; returns how many there are. */
+static int grow(int threads) {
+    while (pool.workers < threads - 1) {
+        long id = pool.workers + 1;
+        pthread_t t;
+        pool.first_generation[id] = pool.generation;
+        if (pthread_create(&t, NULL, worker, (void *)id) != 0) break;
+        pthread_detach(t);
+        pool.workers++;
+    }
+    return pool.workers;
+}
+
+/* The entry point: x [M, K] and y [M, N] float32, w [N, K] float32 (bf16 = 0) or bfloat16 bits (bf16 = 1),
+ * all C-contiguous; 1 <= M <= 8. Returns 0, or -1 for an M out of range. */
+int matmul_few_rows(const float *x, const void *w, int bf16, float *y, long M, long K, long N, int threads) {
+    if (M < 1 || M > 8) return -1;
+    long most = N * K / MIN_ELEMS_PER_THREAD;
+    if (threads > most) threads = most < 1 ? 1 : (int)most;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    struct job jobs[MAX_THREADS];
+    /* Slices of whole 16-row groups (a 64-byte line of y per activation row), the last one ragged. */
+    long per = ((N + threads - 1) / threads + 15) / 16 * 16;
+    for (int t = 0; t < threads; t++) {
+        long n0 = t * per < N ? t * per : N, n1 = (t + 1) * per < N ? (t + 1) * per : N;
+        jobs[t] = (struct job){x, w, y, M, K, N, n0, n1, bf16};
+    }
+    if (threads == 1) {
+        run_job(&jobs[0]);
+        return 0;
+    }
+    pthread_mutex_lock(&pool.call);
+    pthread_mutex_lock(&pool.lock);
+    int workers = grow(threads);
+    pool.jobs = jobs;
+    pool.count = threads;
+    pool.pending = workers < threads - 1 ? workers : threads - 1;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.go);
+    pthread_mutex_unlock(&pool.lock);
+    run_job(&jobs[0]);
+    for (int t = workers + 1; t < threads; t++) run_job(&jobs[t]); /* slices of workers that did not start */
+    pthread_mutex_lock(&pool.lock);
+    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.call);
+    return 0;
+}
