@@ -129,8 +129,9 @@ static void run_job(const struct job *j) {
 /* Below this many weight elements per thread, waking a thread costs more than its share of the product. */
 #define MIN_ELEMS_PER_THREAD (1L << 19)
 
-/* A persistent pool: creating and joining threads took ~40 µs a call, and decode makes ~170 calls a step
- * (bench/NOTES.md). Workers sleep on a condition variable between calls. One call runs at a time. */
+/* A persistent pool: waking sleeping workers costs less than creating and joining threads at each of
+ * decode's many calls (bench/NOTES.md). Workers sleep on a condition variable between calls. One call
+ * runs at a time. */
 static struct {
     pthread_mutex_t call, lock; /* call: held for a whole product; lock: guards the fields below */
     pthread_cond_t go, done;
@@ -138,7 +139,8 @@ static struct {
     unsigned long generation;    /* bumped once per call */
     const struct job *jobs;
     unsigned long first_generation[MAX_THREADS];
-} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .go = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+          .go = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
 
 static void *worker(void *arg) {
     long id = (long)arg;

@@ -120,9 +120,10 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     M, K = x.shape
     if w.dtype not in (np.float32, np.uint16) or w.ndim != 2 or w.shape[1] != K or not 1 <= M <= MAX_ROWS:
         raise ValueError(f"matmul: x {x.shape} and w {w.shape} {w.dtype}: expected [M <= 8, K] and [N, K]")
-    y = np.empty((M, w.shape[0]), np.float32)
-    _library().matmul_few_rows(x.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), y.ctypes.data, M, K, w.shape[0], _THREADS)
+    N, bf16 = w.shape[0], int(w.dtype == np.uint16)
+    y = np.empty((M, N), np.float32)
+    _library().matmul_few_rows(x.ctypes.data, w.ctypes.data, bf16, y.ctypes.data, M, K, N, _THREADS)
     return y
 
 
-_THREADS = threads()
+_THREADS = threads()  # once: the affinity is a system call, and decode makes many products a step
