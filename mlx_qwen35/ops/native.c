@@ -65,31 +65,67 @@ static inline float widen(uint16_t h) {
     return f;
 }
 
-/* R weight rows from n times all M rows of x, into y[:, n : n + R]. R, M and BF16 are constants at every call,
- * so the compiler unrolls the tile and keeps its accumulators in registers. */
-INLINE void tile(const float *x, const void *w, float *y, long K, long N, long n, int R, int M, int BF16) {
-    vf acc[4][8];
+/* acc[r][m] += w[n + r, k0:k1] · x[m, k0:k1], for R weight rows and G <= 4 rows of x, k1 - k0 a multiple of 8.
+ * R, G and BF16 are constants at every call, so the compiler unrolls the loop body and keeps the R·G
+ * accumulators in registers. */
+INLINE void steps(const float *x, const void *w, long K, long n, long k0, long k1, int R, int G, int BF16,
+                  vf acc[4][4]) {
+    vf a[4][4];
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = vzero();
+        for (int m = 0; m < G; m++) a[r][m] = acc[r][m];
     const float *wf = (const float *)w + n * K;
     const uint16_t *wh = (const uint16_t *)w + n * K;
-    long k = 0;
-    for (; k + 8 <= K; k += 8) {
+    for (long k = k0; k < k1; k += 8) {
         for (int r = 0; r < R; r++) {
             vf wv = BF16 ? vload_bf16(wh + r * K + k) : vload(wf + r * K + k);
-            for (int m = 0; m < M; m++) acc[r][m] = vfma(wv, vload(x + m * K + k), acc[r][m]);
+            for (int m = 0; m < G; m++) a[r][m] = vfma(wv, vload(x + m * K + k), a[r][m]);
         }
     }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < G; m++) acc[r][m] = a[r][m];
+}
+
+/* y[m, n + r] = the lanes of acc[r][m] plus the scalar tail k8 .. K. */
+INLINE void finish(const float *x, const void *w, float *y, long K, long N, long n, long k8, int R, int G,
+                   int BF16, vf acc[4][4]) {
+    const float *wf = (const float *)w + n * K;
+    const uint16_t *wh = (const uint16_t *)w + n * K;
     for (int r = 0; r < R; r++) {
-        for (int m = 0; m < M; m++) {
+        for (int m = 0; m < G; m++) {
             float s = vsum(acc[r][m]);
-            for (long j = k; j < K; j++) s += (BF16 ? widen(wh[r * K + j]) : wf[r * K + j]) * x[m * K + j];
+            for (long j = k8; j < K; j++) s += (BF16 ? widen(wh[r * K + j]) : wf[r * K + j]) * x[m * K + j];
             y[m * N + n + r] = s;
         }
     }
 }
 
-/* Rows [n0, n1) in tiles of R(M) weight rows, R·M <= 12 accumulators; leftovers one weight row at a time. */
+/* Past 4 rows of x the accumulators no longer fit the registers, and x (M·K floats) no longer fits L1.
+ * Two groups of rows then take turns on each K_BLOCK of the R weight rows, which the second group
+ * reads from L1: each weight byte still comes from memory once, and x from L2 once per R weight rows. */
+#define K_BLOCK 512
+
+/* y[:, n : n + R] for R weight rows from n and all M rows of x. */
+INLINE void tile(const float *x, const void *w, float *y, long K, long N, long n, int R, int M, int BF16) {
+    long k8 = K / 8 * 8;
+    vf lo[4][4], hi[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < 4; m++) lo[r][m] = hi[r][m] = vzero();
+    if (M <= 4) {
+        steps(x, w, K, n, 0, k8, R, M, BF16, lo);
+        finish(x, w, y, K, N, n, k8, R, M, BF16, lo);
+        return;
+    }
+    const int G = (M + 1) / 2;
+    for (long k0 = 0; k0 < k8; k0 += K_BLOCK) {
+        long k1 = k0 + K_BLOCK < k8 ? k0 + K_BLOCK : k8;
+        steps(x, w, K, n, k0, k1, R, G, BF16, lo);
+        steps(x + G * K, w, K, n, k0, k1, R, M - G, BF16, hi);
+    }
+    finish(x, w, y, K, N, n, k8, R, G, BF16, lo);
+    finish(x + G * K, w, y + G * N, K, N, n, k8, R, M - G, BF16, hi);
+}
+
+/* Rows [n0, n1) in tiles of R(M) weight rows, at most 12 accumulators a group; leftovers one row at a time. */
 #define ROWS(R, M, BF16)                                                                     \
     do {                                                                                     \
         long n = n0;                                                                         \
@@ -103,10 +139,10 @@ INLINE void tile(const float *x, const void *w, float *y, long K, long N, long n
     case 2: ROWS(4, 2, BF16); break;                                                         \
     case 3: ROWS(4, 3, BF16); break;                                                         \
     case 4: ROWS(3, 4, BF16); break;                                                         \
-    case 5: ROWS(2, 5, BF16); break;                                                         \
-    case 6: ROWS(2, 6, BF16); break;                                                         \
-    case 7: ROWS(1, 7, BF16); break;                                                         \
-    default: ROWS(1, 8, BF16); break;                                                        \
+    case 5: ROWS(3, 5, BF16); break;                                                         \
+    case 6: ROWS(3, 6, BF16); break;                                                         \
+    case 7: ROWS(3, 7, BF16); break;                                                         \
+    default: ROWS(3, 8, BF16); break;                                                        \
     }
 
 static void rows(const float *x, const void *w, int bf16, float *y, long M, long K, long N, long n0, long n1) {
