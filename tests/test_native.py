@@ -39,10 +39,10 @@ def within_float32_rounding(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> bool
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("K, N", [(2051, 1001), (7, 3), (8, 37)])
+@pytest.mark.parametrize("K, N", [(2051, 3001), (7, 3), (8, 37)])
 @pytest.mark.parametrize("rows", range(1, 9))
 def test_kernel_against_float64(monkeypatch, rows, K, N, threads):
-    monkeypatch.setattr(native, "_THREADS", threads)  # 3: a ragged split of 1001 rows
+    monkeypatch.setattr(native, "_THREADS", threads)  # 3: a ragged split of 3001 rows
     rng = np.random.default_rng(rows * K + N)
     x = rng.standard_normal((rows, K), dtype=np.float32)
     w = rng.standard_normal((N, K), dtype=np.float32)
@@ -145,3 +145,21 @@ def test_one_build_per_cache_folder(fresh_build):
     assert len(built) == 1 and built[0].startswith("native-") and built[0].endswith(".so")
     native._library.cache_clear()
     assert native.available() and [p.name for p in fresh_build.iterdir()] == built  # loaded, not rebuilt
+
+
+@needs_kernel
+def test_a_forked_child_starts_its_own_workers(monkeypatch):
+    """The parent's pool is started; the child has none of its threads, and must not wait on them."""
+    import os
+    import signal
+
+    monkeypatch.setattr(native, "_THREADS", 2)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2048), dtype=np.float32)
+    w = rng.standard_normal((2048, 2048), dtype=np.float32)  # past one thread's share
+    native.matmul(x, w)
+    pid = os.fork()
+    if pid == 0:  # the child: an alarm ends it if the product hangs
+        signal.alarm(20)
+        os._exit(0 if within_float32_rounding(native.matmul(x, w), x, w) else 1)
+    assert os.waitpid(pid, 0)[1] == 0

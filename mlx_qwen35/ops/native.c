@@ -169,7 +169,7 @@ static void run_job(const struct job *j) {
 
 #define MAX_THREADS 64
 /* Below this many weight elements per thread, waking a thread costs more than its share of the product. */
-#define MIN_ELEMS_PER_THREAD (1L << 19)
+#define MIN_ELEMS_PER_THREAD (1L << 20)
 
 /* A persistent pool: waking sleeping workers costs less than creating and joining threads at each of
  * decode's many calls (bench/NOTES.md). Workers sleep on a condition variable between calls. One call
