@@ -10,6 +10,7 @@
  */
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -155,45 +156,51 @@ static void rows(const float *x, const void *w, int bf16, float *y, long M, long
     if (bf16) BY_M(1) else BY_M(0)
 }
 
-struct job {
-    const float *x;
-    const void *w;
-    float *y;
-    long M, K, N, n0, n1;
-    int bf16;
-};
-
-static void run_job(const struct job *j) {
-    rows(j->x, j->w, j->bf16, j->y, j->M, j->K, j->N, j->n0, j->n1);
-}
-
 #define MAX_THREADS 64
 /* Below this many weight elements per thread, waking a thread costs more than its share of the product. */
 #define MIN_ELEMS_PER_THREAD (1L << 20)
+/* Rows claimed at a time: whole tiles of 3 or 4 rows, and whole 64-byte lines of y. */
+#define CHUNK 48
 
 /* A persistent pool: waking sleeping workers costs less than creating and joining threads at each of
- * decode's many calls (bench/NOTES.md). Workers sleep on a condition variable between calls. One call
- * runs at a time. */
+ * decode's many calls (bench/NOTES.md). Workers sleep on a condition variable between calls. The rows
+ * go in chunks to whoever claims them, so a worker that wakes late (its core busy with another
+ * process) costs its share, not a wait: an even split waited for the slower thread. One call at a time. */
 static struct {
     pthread_mutex_t call, lock; /* call: held for a whole product; lock: guards the fields below */
     pthread_cond_t go, done;
-    int workers, count, pending; /* started workers; slices this call; slices workers still run */
-    unsigned long generation;    /* bumped once per call */
-    const struct job *jobs;
+    int workers;                /* started */
+    int seats, running;         /* workers the current call still admits; workers inside it */
+    unsigned long generation;   /* bumped once per call */
+    const float *x;             /* the current call's product */
+    const void *w;
+    float *y;
+    long M, K, N;
+    int bf16;
+    atomic_long next;           /* its first row no one has claimed */
     unsigned long first_generation[MAX_THREADS];
 } pool = {.call = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .go = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+
+static void claim_chunks(void) {
+    for (long n0; (n0 = atomic_fetch_add(&pool.next, CHUNK)) < pool.N;) {
+        long n1 = n0 + CHUNK < pool.N ? n0 + CHUNK : pool.N;
+        rows(pool.x, pool.w, pool.bf16, pool.y, pool.M, pool.K, pool.N, n0, n1);
+    }
+}
 
 static void *worker(void *arg) {
     long id = (long)arg;
     pthread_mutex_lock(&pool.lock);
     for (unsigned long seen = pool.first_generation[id];; seen = pool.generation) {
         while (pool.generation == seen) pthread_cond_wait(&pool.go, &pool.lock);
-        if (id >= pool.count) continue;
+        if (pool.seats == 0) continue; /* the call is full, or over */
+        pool.seats--;
+        pool.running++;
         pthread_mutex_unlock(&pool.lock);
-        run_job(&pool.jobs[id]);
+        claim_chunks();
         pthread_mutex_lock(&pool.lock);
-        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+        if (--pool.running == 0) pthread_cond_signal(&pool.done);
     }
     return NULL;
 }
@@ -204,55 +211,46 @@ static void forget_pool(void) {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.go, NULL);
     pthread_cond_init(&pool.done, NULL);
-    pool.workers = 0;
+    pool.workers = pool.seats = pool.running = 0;
 }
 
 __attribute__((constructor)) static void on_load(void) { pthread_atfork(NULL, NULL, forget_pool); }
 
-/* Workers 1 .. threads - 1 (as many as start), under pool.lock; returns how many there are. */
-static int grow(int threads) {
-    while (pool.workers < threads - 1) {
-        long id = pool.workers + 1;
+/* Start workers up to `want` (as many as start), under pool.lock. */
+static void grow(int want) {
+    while (pool.workers < want && pool.workers < MAX_THREADS) {
+        long id = pool.workers;
         pthread_t t;
         pool.first_generation[id] = pool.generation;
-        if (pthread_create(&t, NULL, worker, (void *)id) != 0) break;
+        if (pthread_create(&t, NULL, worker, (void *)id) != 0) return;
         pthread_detach(t);
         pool.workers++;
     }
-    return pool.workers;
 }
 
 /* The entry point: x [M, K] and y [M, N] float32, w [N, K] float32 (bf16 = 0) or bfloat16 bits (bf16 = 1),
- * all C-contiguous; 1 <= M <= 8. Returns 0, or -1 for an M out of range. */
+ * all C-contiguous; 1 <= M <= 8; `threads` the CPUs to use. Returns 0, or -1 for an M out of range. */
 int matmul_few_rows(const float *x, const void *w, int bf16, float *y, long M, long K, long N, int threads) {
     if (M < 1 || M > 8) return -1;
     long most = N * K / MIN_ELEMS_PER_THREAD;
     if (threads > most) threads = most < 1 ? 1 : (int)most;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    struct job jobs[MAX_THREADS];
-    /* Slices of whole 16-row groups (a 64-byte line of y per activation row), the last one ragged. */
-    long per = ((N + threads - 1) / threads + 15) / 16 * 16;
-    for (int t = 0; t < threads; t++) {
-        long n0 = t * per < N ? t * per : N, n1 = (t + 1) * per < N ? (t + 1) * per : N;
-        jobs[t] = (struct job){x, w, y, M, K, N, n0, n1, bf16};
-    }
-    if (threads == 1) {
-        run_job(&jobs[0]);
+    if (threads <= 1) {
+        rows(x, w, bf16, y, M, K, N, 0, N);
         return 0;
     }
     pthread_mutex_lock(&pool.call);
     pthread_mutex_lock(&pool.lock);
-    int workers = grow(threads);
-    pool.jobs = jobs;
-    pool.count = threads;
-    pool.pending = workers < threads - 1 ? workers : threads - 1;
+    grow(threads - 1);
+    pool.x = x, pool.w = w, pool.y = y, pool.M = M, pool.K = K, pool.N = N, pool.bf16 = bf16;
+    atomic_store(&pool.next, 0);
+    pool.seats = threads - 1;
     pool.generation++;
     pthread_cond_broadcast(&pool.go);
     pthread_mutex_unlock(&pool.lock);
-    run_job(&jobs[0]);
-    for (int t = workers + 1; t < threads; t++) run_job(&jobs[t]); /* slices of workers that did not start */
+    claim_chunks();
     pthread_mutex_lock(&pool.lock);
-    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
+    pool.seats = 0; /* every row is claimed: a worker waking now stays out */
+    while (pool.running > 0) pthread_cond_wait(&pool.done, &pool.lock);
     pthread_mutex_unlock(&pool.lock);
     pthread_mutex_unlock(&pool.call);
     return 0;
