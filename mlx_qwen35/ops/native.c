@@ -2,11 +2,11 @@
  *
  * Decode multiplies a few activation rows (one sequence, a speculative draft,
  * a small batch) by each weight. A BLAS gemv reads the weight once per row and
- * an sgemm packs it first; here each weight row is read once and multiplied
- * with all M rows of x, which stay in L1. Tiles of R weight rows × M activation
- * rows keep R·M independent accumulators, enough to hide the FMA latency.
- * The weight is float32 or bfloat16 (its uint16 bits, widened by a shift).
- * Threads split the N output rows.
+ * an sgemm packs it first; here each weight row is read once from memory and
+ * multiplied with all M rows of x, which stay in cache. Tiles of R weight rows
+ * × up to 4 activation rows keep independent accumulators, enough to hide the
+ * FMA latency. The weight is float32 or bfloat16 (its uint16 bits, widened by
+ * a shift). Threads claim chunks of the N output rows.
  */
 
 #include <pthread.h>
@@ -66,8 +66,8 @@ static inline float widen(uint16_t h) {
     return f;
 }
 
-/* Bytes ahead in each weight row to prefetch: the hardware's prefetchers alone left a 1 GiB output head at
- * two thirds of numpy's gemv speed (bench/NOTES.md). Prefetches past the end do not fault. */
+/* Bytes ahead in each weight row to prefetch: the hardware's prefetchers alone left the output head well
+ * below numpy's gemv (bench/NOTES.md). Prefetches past the end do not fault. */
 #define PREFETCH 512
 
 /* acc[r][m] += w[n + r, k0:k1] · x[m, k0:k1], for R weight rows and G <= 4 rows of x, k1 - k0 a multiple of 8.
