@@ -21,7 +21,7 @@ from common import race, use_fast_blas  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from mlx_qwen35.ops import cpu, dispatch, linear  # noqa: E402
+from mlx_qwen35.ops import cpu, dispatch, linear, native  # noqa: E402
 
 ROUNDS = 5
 
@@ -42,6 +42,11 @@ def projections() -> None:
             x = mx.random.normal((1, rows, 2048)).astype(mx.bfloat16)
             fns = {"native": lambda: layer(x), "float32": lambda: linear.float32_product(layer, x)}
             show(f"{kind} projection, {rows} rows", race(fns, ROUNDS))
+
+
+# The 2B's decode projections (N, K): MLP up / gate and the DeltaNet's qkv, MLP down, the DeltaNet's z and
+# out, attention's gated q, its k / v, and the tied output head.
+SHAPES = ((6144, 2048), (2048, 6144), (2048, 2048), (4096, 2048), (512, 2048), (248320, 2048))
 
 
 def decode() -> None:
@@ -67,20 +72,48 @@ def decode() -> None:
             "W @ x": lambda: w() @ x[0, 0],
             "addmm": lambda: mx.addmm(mx.zeros((1, 1, n)), x, w().T),
             "2 streams": two_streams,
-            "numpy gemv": lambda: linear.numpy_product(layers[next(turn) % copies], x),
+            "numpy gemv": lambda: linear.gemv_product(layers[next(turn) % copies], x, "numpy"),
+            "native": lambda: linear.gemv_product(layers[next(turn) % copies], x, "native"),
         }
         best = race(fns, ROUNDS)
         show(f"float32 [1, 2048] x [{n}, 2048]", best)
         gbs = {k: f"{n * 2048 * 4 / t / 1e9:.1f} GB/s" for k, t in best.items()}
         print(f"{'':<44}" + "".join(f"{k:>16}: {v:>11}" for k, v in gbs.items()), flush=True)
-        if n == 6144:  # a batch's few rows: the route (a gemv per row, then one numpy product) against MLX's
-            for rows in (2, 3, 4, 8):
-                xr = mx.random.normal((1, rows, 2048))
-                route = lambda: linear.numpy_product(layers[next(turn) % copies], xr)  # noqa: E731
-                fns = {"x @ W.T": lambda: xr @ w().T, "route": route}
-                show(f"float32 [{rows}, 2048] x [{n}, 2048]", race(fns, ROUNDS))
         del layers
+    few_rows()
 
+
+def few_rows() -> None:
+    """Decode's 1 to 8 rows (a sequence, a draft to verify, a batch) on the 2B's projections: numpy's route
+    (a gemv per row up to 3 rows, else an sgemm) against our kernel on float32 and bfloat16 weights, with
+    GB/s of weight read and numpy's time over each. Copies take turns, more than the L3 cache holds."""
+    if not native.available():
+        print("the native kernel could not be compiled: no comparison")
+        return
+    print(f"{'rows x weight':<30}{'numpy route':>14}{'native float32':>34}{'native bfloat16':>34}")
+    for n, k in SHAPES:
+        copies = max(1, -(-(96 << 20) // (n * k * 4)))
+        f32 = [nn.Linear(k, n, bias=False) for _ in range(copies)]
+        bf16 = [nn.Linear(k, n, bias=False) for _ in range(copies)]
+        for layer in bf16:
+            layer.set_dtype(mx.bfloat16)
+        mx.eval([m.parameters() for m in f32 + bf16])
+        turn = iter(range(1 << 30))
+        for rows in range(1, 9) if n < 100000 else (1, 2, 4, 8):
+            x = mx.random.normal((1, rows, k))
+            fns = {
+                "numpy": lambda: linear.gemv_product(f32[next(turn) % copies], x, "numpy"),
+                "f32": lambda: linear.gemv_product(f32[next(turn) % copies], x, "native"),
+                "bf16": lambda: linear.gemv_product(bf16[next(turn) % copies], x, "native"),
+            }
+            best = race(fns, ROUNDS)
+            cells = [f"{best['numpy'] * 1e3:8.2f} ms"]
+            for name, size in (("f32", 4), ("bf16", 2)):
+                t = best[name]
+                cells.append(f"{t * 1e3:8.2f} ms {n * k * size / t / 1e9:5.1f} GB/s {best['numpy'] / t:5.2f}x")
+            line = f"[{rows}, {k}] x [{n}, {k}]".ljust(30) + cells[0].rjust(14)
+            print(line + "".join(c.rjust(34) for c in cells[1:]), flush=True)
+        del f32, bf16
 
 def activations() -> None:
     x, u = mx.random.normal((2048, 6144)) * 4, mx.random.normal((2048, 6144))

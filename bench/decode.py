@@ -1,17 +1,19 @@
-"""Float32 decode on the CPU against the memory bandwidth: ours with and without the gemv route, and mlx-lm.
+"""Decode on the CPU against the memory bandwidth: ours on each route of the few-row products, and mlx-lm.
 
     python bench/decode.py                        # prompts of 128, 512 and 2048 tokens
     python bench/decode.py --prompts 128 --decode 4 --rounds 1 --checkpoint PATH
+    python bench/decode.py --dtype bfloat16       # half the bytes, through our kernel
 
 A decode step reads every weight once (the tied embedding table once, as the
 output head), so its speed is bounded by the machine's read bandwidth,
 measured first with numpy (the best of two threads' ``max`` and a BLAS gemv
 over 1 GiB). Then, per prompt length, each side prefills its own cache once
 and decodes in blocks of ``--decode`` greedy tokens that continue from there,
-the sides taking turns for ``--rounds`` rounds: ours with the gemv route
-(``MLX_QWEN35_GEMV=1``), ours with MLX's matmul (``=0``, what ran before), and
-mlx-lm on the same weight arrays. Each figure is the best block's tokens/s;
-GB/s is that times the bytes of weights one step reads.
+the sides taking turns for ``--rounds`` rounds: ours with our kernel
+(``MLX_QWEN35_NATIVE=1``), ours with numpy's gemv (``MLX_QWEN35_NATIVE=0``;
+float32 only), ours with MLX's matmul (``MLX_QWEN35_GEMV=0``, what ran
+before), and mlx-lm on the same weight arrays. Each figure is the best
+block's tokens/s; GB/s is that times the bytes of weights one step reads.
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ from common import use_fast_blas  # noqa: E402
 from model import load_pair  # noqa: E402
 from random_checkpoint import default_checkpoint  # noqa: E402
 
-from mlx_qwen35.ops.dispatch import ENV_GEMV  # noqa: E402
+from mlx_qwen35.ops.dispatch import ENV_GEMV, ENV_NATIVE  # noqa: E402
 
 # Issue 16's llama.cpp figures (F32, BF16, Q4_K_M weights; 2 threads, a 2-core AVX-512 machine).
 LLAMA_CPP = {"F32 (7.24 GiB)": 4.3, "BF16 (3.63 GiB)": 8.7, "Q4_K_M (1.22 GiB)": 19.6}
-SIDES = ("ours, gemv", "ours, MLX matmul", "mlx-lm")
+# Each side's switches (ours), or None (mlx-lm).
+SIDES = {
+    "ours, native": {ENV_GEMV: "1", ENV_NATIVE: "1"},
+    "ours, numpy gemv": {ENV_GEMV: "1", ENV_NATIVE: "0"},
+    "ours, MLX matmul": {ENV_GEMV: "0", ENV_NATIVE: "0"},
+    "mlx-lm": None,
+}
 
 
 def best_seconds(fn, reps: int = 5) -> float:
@@ -102,22 +110,23 @@ def decode(model, cache, token: int, n: int) -> tuple[float, int]:
     return time.perf_counter() - t, token
 
 
-def measure(ours, theirs, T: int, n: int, rounds: int) -> dict[str, float]:
+def measure(ours, theirs, T: int, n: int, rounds: int, sides: list[str]) -> dict[str, float]:
     """Best decode tokens/s of each side after a T-token prompt, blocks of n tokens taking turns."""
     ids = list(range(1000, 1000 + T))
     state = {}
     for side, (model, prefill) in (("ours", (ours, prefill_ours)), ("mlx-lm", (theirs, prefill_theirs))):
         cache, logits = prefill(model, ids)
         state[side] = [cache, int(mx.argmax(logits).item())]
-    best = dict.fromkeys(SIDES, 0.0)
+    best = dict.fromkeys(sides, 0.0)
     for r in range(rounds):
-        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-            who = "mlx-lm" if side == "mlx-lm" else "ours"
-            os.environ[ENV_GEMV] = "0" if side == "ours, MLX matmul" else "1"
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            who = "mlx-lm" if SIDES[side] is None else "ours"
+            os.environ.update(SIDES[side] or {})
             model = ours if who == "ours" else theirs
             seconds, state[who][1] = decode(model, state[who][0], state[who][1], n)
             best[side] = max(best[side], n / seconds)
-    os.environ.pop(ENV_GEMV)
+    for name in (ENV_GEMV, ENV_NATIVE):
+        os.environ.pop(name, None)
     return best
 
 
@@ -127,23 +136,27 @@ def main():
     ap.add_argument("--decode", type=int, default=8, help="tokens per timed block")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--checkpoint", type=Path, help="default: bench/out/qwen3_5_2b-random (built if missing)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = ap.parse_args()
+    # numpy has no bfloat16 product: there that side would be MLX's matmul again.
+    sides = [s for s in SIDES if a.dtype == "float32" or s != "ours, numpy gemv"]
     blas = use_fast_blas()
     path = a.checkpoint or default_checkpoint("qwen3_5_2b")
     bw = read_bandwidth()
     peak = max(bw.values())
     print(f"checkpoint: {path}  (random weights, real shape)\nmlx {mx.__version__}, BLAS: {blas}")
     print("read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()) + f"; taken as {peak:.1f}")
-    ours, theirs = load_pair(path, "float32")
+    ours, theirs = load_pair(path, a.dtype)
     nbytes = step_bytes(ours)
     print(f"weights read per decode step: {nbytes / 2**30:.2f} GiB -> at most {peak * 1e9 / nbytes:.2f} tokens/s")
     load = os.getloadavg()[0]
-    print(f"\ndecode tokens/s (GB/s, % of {peak:.1f}), best block of {a.decode} tokens over {a.rounds} round(s)")
-    print(f"{'prompt':>8}" + "".join(f"{s:>30}" for s in SIDES))
+    print(f"\n{a.dtype} decode tokens/s (GB/s, % of {peak:.1f}), best block of {a.decode} tokens", end="")
+    print(f" over {a.rounds} round(s)")
+    print(f"{'prompt':>8}" + "".join(f"{s:>30}" for s in sides))
     for T in a.prompts:
-        best = measure(ours, theirs, T, a.decode, a.rounds)
+        best = measure(ours, theirs, T, a.decode, a.rounds, sides)
         cells = []
-        for s in SIDES:
+        for s in sides:
             gbs = best[s] * nbytes / 1e9
             cells.append(f"{best[s]:.2f} ({gbs:.1f} GB/s, {100 * gbs / peak:.0f}%)")
         print(f"{T:>8}" + "".join(f"{c:>30}" for c in cells), flush=True)

@@ -35,7 +35,7 @@ from .engine import (
     prefill,
     sample_next,
 )
-from .ops.dispatch import numpy_gemv
+from .ops.dispatch import gemv_route
 from .errors import Qwen35Error
 from .model import batch_cache
 from .stream import Piece
@@ -169,14 +169,14 @@ class Batch:
 
         The next step is queued before the tokens go out, so the model computes
         while the caller detokenizes; but where a step computes as it is built
-        (a few float32 rows on the CPU paths: numpy's gemv, :mod:`.ops.linear`),
+        (a few rows on the CPU paths: the gemv route of :mod:`.ops.linear`),
         it is built at the next call instead, so the tokens go out first.
         """
         events, self._ended = self._ended, []
         if self._deferred is not None:
             self._launch(self._deferred, events)
         inputs = self._take_sampled(events)
-        eager = numpy_gemv(len(self.rows), self.model.language_model.dtype)
+        eager = gemv_route(len(self.rows), self.model.language_model.dtype) is not None
         self._deferred = inputs if eager and (self.rows or self.waiting) else None
         if self._deferred is None:
             self._launch(inputs, events)

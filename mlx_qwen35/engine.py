@@ -18,7 +18,7 @@ from .errors import Qwen35Error
 from .media import PromptInputs
 from .model import cache as hybrid
 from .model import mtp
-from .ops.dispatch import numpy_gemv
+from .ops.dispatch import gemv_route
 from .reasoning import ThinkingControl
 from .sampler import make_processors, make_sampler
 from .sampling import Sampling
@@ -129,10 +129,10 @@ def decode_tokens(
 
     The next step is queued before the current token is handed out, so the
     model computes while the caller detokenizes; but where a step computes as
-    it is built (float32 on the CPU paths: numpy's gemv, :mod:`.ops.linear`),
-    the token goes out first, else it would wait for the next step. Forced
-    tokens (the closing of reasoning) are fed as one chunk and yielded like
-    sampled ones.
+    it is built (on the CPU paths, the gemv route of :mod:`.ops.linear`), the
+    token goes out first, else it would wait for the next step. Forced tokens
+    (the closing of reasoning) are fed as one chunk and yielded like sampled
+    ones.
     """
     generated: list[int] = []
     sample = lambda logits: sample_next(logits, sampler, processors, generated)
@@ -147,7 +147,7 @@ def decode_tokens(
                 mtp.catch_up(model, head, rope_delta=rope_delta)
         return sample(lm.logits(h[:, -1])[0])
 
-    eager = numpy_gemv(1, model.language_model.dtype)
+    eager = gemv_route(1, model.language_model.dtype) is not None
 
     def advance(tokens: list[int]) -> Iterator[int]:
         nonlocal y

@@ -5,8 +5,8 @@
   bfloat16 rounding of the output (4e-3 of the largest entry) of the exact
   product of the activations with the dequantized weights; float32 weights
   bit-identical to the layer's own call past ``GEMV_ROWS`` rows, and up to
-  it (decode) through numpy's BLAS within the float32 rounding bound of the
-  exact product, as the layer's own call is.
+  it (decode) through the gemv route (our kernel, else numpy's BLAS) within
+  the float32 rounding bound of the exact product, as the layer's own call is.
 - The activations (exp through a polynomial and the float's exponent bits):
   relative error 1e-6 per element over the whole float range, with exact
   limits (0 below the smallest normal, 1 above it), and masked keys carrying
@@ -27,7 +27,7 @@ from mlx_qwen35 import ops
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.loading import load_model
 from mlx_qwen35.ops import cpu, linear
-from mlx_qwen35.ops.dispatch import ENV_GEMV, ENV_PORTABLE, GEMV_ROWS, numpy_gemv
+from mlx_qwen35.ops.dispatch import ENV_GEMV, ENV_NATIVE, ENV_PORTABLE, GEMV_ROWS, gemv_route
 
 f32 = mx.float32
 
@@ -95,13 +95,17 @@ def within_float32_rounding(y: mx.array, x: mx.array, w: mx.array, bias) -> bool
     return bool((np.abs(f64(y) - exact) <= (x.shape[-1] + 1) * 2.0**-24 * scale).all())
 
 
+@pytest.mark.parametrize("route", ["native", "numpy"])
 @pytest.mark.parametrize("K, N", [(64, 48), (2048, 3000)])
 @pytest.mark.parametrize("rows", [1, linear.ROW_BY_ROW, GEMV_ROWS])
-def test_project_float32_decode_through_numpy(monkeypatch, K, N, rows):
+def test_project_float32_decode_through_the_gemv_route(monkeypatch, K, N, rows, route):
     """Decode's few rows take the gemv route; its numbers are the matmul's it replaces, within float32 rounding."""
     monkeypatch.delenv(ENV_GEMV, raising=False)
+    monkeypatch.setenv(ENV_NATIVE, "1" if route == "native" else "0")
+    if route == "native" and not ops.native.available():
+        pytest.skip("the native kernel could not be compiled here")
     mx.random.seed(K + rows)
-    calls = spy(monkeypatch, linear, "numpy_product")
+    calls = spy(monkeypatch, linear, "gemv_product")
     lin, emb = nn.Linear(K, N, bias=True), nn.Embedding(N, K)
     x = mx.random.normal((1, rows, K))
     for layer, y, native in (
@@ -112,7 +116,8 @@ def test_project_float32_decode_through_numpy(monkeypatch, K, N, rows):
         bias = layer.bias if "bias" in layer else None
         assert within_float32_rounding(y, x, layer.weight, bias)
         assert within_float32_rounding(native, x, layer.weight, bias)
-    assert len(calls) == 2
+    expected = "numpy" if rows == 1 else route  # one float32 row: numpy's gemv either way
+    assert [call[2] for call in calls] == [expected, expected]
 
 
 def test_project_float32_decode_under_compile_and_vmap(monkeypatch):
@@ -128,18 +133,40 @@ def test_project_float32_decode_under_compile_and_vmap(monkeypatch):
 def test_the_gemv_switch(monkeypatch):
     monkeypatch.delenv(ENV_PORTABLE, raising=False)
     monkeypatch.delenv(ENV_GEMV, raising=False)
-    assert numpy_gemv(1, mx.float32) and numpy_gemv(GEMV_ROWS, mx.float32)
-    assert not numpy_gemv(GEMV_ROWS + 1, mx.float32)
-    assert not numpy_gemv(1, mx.bfloat16) and not numpy_gemv(1, mx.uint32)  # half and quantized weights
+    monkeypatch.setenv(ENV_NATIVE, "0")
+    assert gemv_route(1, mx.float32) == gemv_route(GEMV_ROWS, mx.float32) == "numpy"
+    assert gemv_route(GEMV_ROWS + 1, mx.float32) is None
+    # half and quantized weights: numpy has no bfloat16 product
+    assert gemv_route(1, mx.bfloat16) is gemv_route(1, mx.float16) is gemv_route(1, mx.uint32) is None
     monkeypatch.setenv(ENV_GEMV, "0")
-    assert not numpy_gemv(1, mx.float32)
+    assert gemv_route(1, mx.float32) is None
     monkeypatch.setenv(ENV_GEMV, "1")
-    assert numpy_gemv(1, mx.float32)
+    assert gemv_route(1, mx.float32) == "numpy"
     monkeypatch.setenv(ENV_PORTABLE, "1")
-    assert not numpy_gemv(1, mx.float32)
+    assert gemv_route(1, mx.float32) is None
     monkeypatch.setenv(ENV_GEMV, "yes")
     with pytest.raises(Qwen35Error, match=f"{ENV_GEMV}='yes': expected 1"):
-        numpy_gemv(1, mx.float32)
+        gemv_route(1, mx.float32)
+
+
+def test_the_native_switch(monkeypatch):
+    """Our kernel takes float32 and bfloat16 weights where it compiled, unless MLX_QWEN35_NATIVE=0."""
+    if not ops.native.available():
+        pytest.skip("the native kernel could not be compiled here")
+    monkeypatch.delenv(ENV_PORTABLE, raising=False)
+    monkeypatch.delenv(ENV_GEMV, raising=False)
+    monkeypatch.delenv(ENV_NATIVE, raising=False)
+    assert gemv_route(2, mx.float32) == gemv_route(1, mx.bfloat16) == gemv_route(GEMV_ROWS, mx.bfloat16) == "native"
+    assert gemv_route(1, mx.float32) == "numpy"  # one float32 row: numpy's gemv is the faster
+    assert gemv_route(GEMV_ROWS + 1, mx.bfloat16) is gemv_route(1, mx.float16) is gemv_route(1, mx.uint32) is None
+    monkeypatch.setenv(ENV_GEMV, "0")
+    assert gemv_route(1, mx.bfloat16) is None
+    monkeypatch.setenv(ENV_GEMV, "1")
+    monkeypatch.setenv(ENV_NATIVE, "0")
+    assert gemv_route(1, mx.float32) == "numpy" and gemv_route(1, mx.bfloat16) is None
+    monkeypatch.setenv(ENV_NATIVE, "yes")
+    with pytest.raises(Qwen35Error, match=f"{ENV_NATIVE}='yes': expected 1"):
+        gemv_route(2, mx.float32)
 
 
 def projections(module: nn.Module) -> list[type]:

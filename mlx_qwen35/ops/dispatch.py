@@ -17,11 +17,12 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from ..errors import Qwen35Error
-from . import cpu, metal, recurrence
+from . import cpu, metal, native, recurrence
 
 ENV_PORTABLE = "MLX_QWEN35_PORTABLE"
 ENV_METHOD = "MLX_QWEN35_GDN_METHOD"
 ENV_GEMV = "MLX_QWEN35_GEMV"
+ENV_NATIVE = "MLX_QWEN35_NATIVE"
 METHODS = ("auto", "reference", "chunked", "metal", "fast")
 
 
@@ -52,19 +53,30 @@ def on_metal() -> bool:
     return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
-# Up to this many rows numpy's BLAS beats MLX's float32 matmul (bench/NOTES.md).
+# Up to this many rows the gemv route beats MLX's float32 matmul (bench/NOTES.md).
 GEMV_ROWS = 8
 
 
-def numpy_gemv(rows: int, weight_dtype: mx.Dtype) -> bool:
-    """Whether ``rows`` rows times a ``weight_dtype`` weight run on numpy's BLAS (:func:`.linear.numpy_product`).
+def gemv_route(rows: int, weight_dtype: mx.Dtype) -> Optional[str]:
+    """How ``rows`` rows times a ``weight_dtype`` weight run outside MLX (:func:`.linear.gemv_product`), or None.
 
-    On the CPU paths, for float32 weights and at most GEMV_ROWS rows (decode),
-    unless ``MLX_QWEN35_GEMV=0``: MLX's CPU matmul runs even one row as a
-    full sgemm that packs the weight, where numpy's BLAS runs a gemv that
-    streams it once, on every core. Larger products (prefill) stay on MLX's.
+    On the CPU paths, at most GEMV_ROWS rows (decode), unless
+    ``MLX_QWEN35_GEMV=0``: MLX's CPU matmul runs even one row as a full sgemm
+    that packs the weight. ``"native"``: our kernel (:mod:`.native`), which
+    reads a float32 or bfloat16 weight once for all the rows, unless
+    ``MLX_QWEN35_NATIVE=0`` or it could not be compiled. Else, and for one
+    float32 row, ``"numpy"`` for float32 weights: numpy's BLAS, a gemv per row. Larger products (prefill)
+    stay on MLX's. A route computes as the graph is built (it evaluates x).
     """
-    return weight_dtype == mx.float32 and rows <= GEMV_ROWS and _switch(ENV_GEMV) is not False and cpu_paths()
+    if rows > GEMV_ROWS or weight_dtype not in (mx.float32, mx.bfloat16) or _switch(ENV_GEMV) is False:
+        return None
+    if not cpu_paths():
+        return None
+    if rows == 1 and weight_dtype == mx.float32:
+        return "numpy"  # one float32 row: numpy's gemv streams it faster than our kernel (bench/NOTES.md)
+    if _switch(ENV_NATIVE) is not False and native.available():
+        return "native"
+    return "numpy" if weight_dtype == mx.float32 else None
 
 
 def drafting_pays() -> bool:

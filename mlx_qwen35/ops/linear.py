@@ -5,9 +5,10 @@ loop, and ``quantized_matmul`` with half-precision activations both crawls
 and accumulates in bfloat16. :func:`prepare` swaps a model's (quantized)
 Linear and Embedding layers for subclasses that multiply in float32 through
 BLAS, casting or dequantizing the weight a block of rows at a time (for an
-Embedding: its use as the tied output head, ``as_linear``); float32 weights
-at decode's few rows go to numpy's BLAS as a gemv (:func:`numpy_product`),
-where MLX would run a full sgemm. It swaps nothing where
+Embedding: its use as the tied output head, ``as_linear``); float32 and
+bfloat16 weights at decode's few rows go to our C kernel, or float32 ones to
+numpy's BLAS as gemvs (:func:`gemv_product`), where MLX would run a full
+sgemm. It swaps nothing where
 :func:`.dispatch.cpu_paths` says no (a GPU, ``MLX_QWEN35_PORTABLE=1``), and a
 swapped layer runs as its base class wherever that holds at call time.
 """
@@ -23,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from . import dispatch
+from . import dispatch, native
 
 # Blocks of BLOCK_ELEMS weights (4 MB in float32) stay in the range that malloc
 # reuses; whole-matrix temporaries are mapped afresh, and their page faults
@@ -101,13 +102,16 @@ def float32_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
     return y.astype(dtype)
 
 
-def numpy_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
-    """x times a float32 Linear or Embedding's weight by numpy's BLAS, plus its bias: gemvs for a few rows.
+def gemv_product(layer: nn.Module, x: mx.array, route: str) -> Optional[mx.array]:
+    """x times a Linear or Embedding's weight outside MLX's matmul, plus its bias, by ``route``.
 
-    Evaluates x (the graph so far runs here), then multiplies numpy views of
-    MLX's buffers, which share their memory; only the product is copied back.
-    None inside ``mx.compile`` or ``mx.vmap``, which cannot evaluate. Not
-    differentiable: inference only.
+    ``"native"`` (:mod:`.native`): a float32 or bfloat16 weight read once for
+    all of x's few rows. ``"numpy"``: a float32 weight by numpy's BLAS, a gemv
+    per row up to ROW_BY_ROW rows, else one product. Evaluates x (the graph
+    so far runs here), then multiplies numpy views of MLX's buffers, which
+    share their memory; only the product is copied back. None inside
+    ``mx.compile`` or ``mx.vmap``, which cannot evaluate. Not differentiable:
+    inference only.
     """
     x32 = x.astype(mx.float32)
     try:
@@ -115,18 +119,27 @@ def numpy_product(layer: nn.Module, x: mx.array) -> Optional[mx.array]:
     except ValueError:  # a function transformation is tracing x
         return None
     xs = np.asarray(x32).reshape(-1, x.shape[-1])
-    w = np.asarray(layer.weight)
-    # A few rows: one gemv each streams the weight fastest; more, one product that reads it once.
-    y = np.stack([w @ row for row in xs]) if len(xs) <= ROW_BY_ROW else xs @ w.T
+    weight = layer.weight
+    if route == "native":
+        # bfloat16 as its uint16 bits: numpy has no bfloat16, and the view shares the buffer.
+        w = np.asarray(mx.view(weight, mx.uint16) if weight.dtype == mx.bfloat16 else weight)
+        y = native.matmul(xs, w)
+    else:
+        w = np.asarray(weight)
+        # A few rows: one gemv each streams the weight fastest; more, one product that reads it once.
+        y = np.stack([w @ row for row in xs]) if len(xs) <= ROW_BY_ROW else xs @ w.T
     y = mx.array(y).reshape(*x.shape[:-1], w.shape[0])
-    return y + layer.bias if "bias" in layer else y
+    if "bias" in layer:
+        y = y + layer.bias
+    return y.astype(mx.result_type(x, weight))
 
 
-def _product(layer: nn.Module, x: mx.array, native: Callable[[mx.array], mx.array]) -> mx.array:
-    y = numpy_product(layer, x) if dispatch.numpy_gemv(x.size // x.shape[-1], layer.weight.dtype) else None
+def _product(layer: nn.Module, x: mx.array, own: Callable[[mx.array], mx.array]) -> mx.array:
+    route = dispatch.gemv_route(x.size // x.shape[-1], layer.weight.dtype)
+    y = gemv_product(layer, x, route) if route else None
     if y is None and dispatch.cpu_paths():
         y = float32_product(layer, x)
-    return native(x) if y is None else y
+    return own(x) if y is None else y
 
 
 class _Quantizes:
