@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .errors import Qwen35Error
 from .model import Model
 from .ops import prepare
-from .ops.dispatch import drafting_pays
+from .ops.dispatch import drafting_pays, widens_bf16
 from .weights import Checkpoint
 
 # What a checkpoint needs besides its weights; nothing executable.
@@ -73,14 +73,24 @@ def load_model(
         mtp = drafting_pays()
     model = Checkpoint.open(resolve(path_or_id)).build(vision=vision, mtp=mtp)
     if dtype is not None:
-        model.cast(dtype)
+        model.cast(dtype, keep=half_projection if dtype == mx.float32 and widens_bf16() else None)
     text = [model.language_model] + ([model.mtp] if model.has_mtp else [])
     for part in text:
         prepare(part)  # float32-BLAS projections where the CPU paths apply
-    model.language_model.dtype = run_dtype(model)
+    model.language_model.dtype = dtype if dtype is not None else run_dtype(model)
     if not lazy:
         mx.eval([part.parameters() for part in text])
     return model
+
+
+def half_projection(name: str, w: mx.array) -> bool:
+    """A bfloat16 text projection or embedding, which a float32 run on the CPU leaves in bfloat16.
+
+    The CPU route widens such weights to float32 as it reads them (exactly:
+    bf16 is float32 with the low bits zero), so the numbers are a float32
+    run's, for half the bytes read a token and half the memory.
+    """
+    return w.dtype == mx.bfloat16 and w.ndim == 2 and name.endswith(".weight") and not name.startswith("visual.")
 
 
 def run_dtype(model: Model) -> mx.Dtype:

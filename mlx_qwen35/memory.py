@@ -36,7 +36,7 @@ def footprint(model) -> Footprint:
     """The :class:`Footprint` of a (lazy) model, from its config and its parameters' shapes and dtypes."""
     cfg = model.config.text
     lm = model.language_model
-    compute = run_dtype(model)  # the activations' dtype, hence the KV's
+    compute = lm.dtype or run_dtype(model)  # the activations' dtype, hence the KV's
     size = compute.size
     attn = [layer for layer in lm.layers if not layer.is_linear]
     linear = len(lm.layers) - len(attn)

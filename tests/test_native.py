@@ -166,3 +166,28 @@ def test_a_forked_child_starts_its_own_workers(monkeypatch):
         signal.alarm(20)
         os._exit(0 if within_float32_rounding(native.matmul(x, w), x, w) else 1)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+@needs_kernel
+def test_float32_run_of_a_bf16_checkpoint_keeps_bf16_weights_and_float32_numbers(hf_bf16, token_ids, tmp_path,
+                                                                                 monkeypatch):
+    """Its projections stay bfloat16 (half the bytes a token) and the kernel widens them exactly: token by token,
+    the logits are transformers' float32 ones to the README's float32 tolerance."""
+    from conftest import rel_err
+
+    from mlx_qwen35.convert import convert
+    from mlx_qwen35.loading import load_model
+
+    monkeypatch.delenv(ENV_GEMV, raising=False)
+    monkeypatch.delenv(ENV_NATIVE, raising=False)
+    convert(hf_bf16.path, tmp_path / "out")
+    model = load_model(tmp_path / "out", dtype=mx.float32)
+    lm = model.language_model
+    assert lm.dtype == mx.float32 and lm.embed_tokens.weight.dtype == lm.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    assert lm.norm.weight.dtype == lm.layers[0].linear_attn.conv1d.weight.dtype == mx.float32
+    calls = spy(monkeypatch, native, "matmul")
+    ids = token_ids[:1, :12]
+    cache = model.make_cache()
+    steps = [np.array(model(mx.array(ids[:, i : i + 1]), cache=cache)[0, -1]) for i in range(ids.shape[1])]
+    assert calls and all(call[1].dtype == np.uint16 for call in calls)  # the bf16 bits, widened in the kernel
+    assert rel_err(np.stack(steps), hf_bf16.logits(ids)[0]) < 1e-5

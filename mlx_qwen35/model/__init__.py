@@ -10,7 +10,7 @@ to how many bits, and its cache.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -131,11 +131,11 @@ class Model(nn.Module):
         """Small tensors whose precision matters more than their size: A_log and text RMSNorm weights."""
         return name.endswith("A_log") or (not name.startswith("visual.") and name.endswith("norm.weight"))
 
-    def cast(self, dtype: mx.Dtype) -> None:
-        """Cast floating parameters to ``dtype``; those of :meth:`keeps_float32` to float32."""
+    def cast(self, dtype: mx.Dtype, keep: Optional[Callable[[str, mx.array], bool]] = None) -> None:
+        """Cast floating parameters to ``dtype``; those of :meth:`keeps_float32` to float32; those ``keep`` names, not at all."""
 
         def f(name, w):
-            if not mx.issubdtype(w.dtype, mx.floating):
+            if not mx.issubdtype(w.dtype, mx.floating) or (keep is not None and keep(name, w)):
                 return w
             return w.astype(mx.float32 if self.keeps_float32(name) else dtype)
 

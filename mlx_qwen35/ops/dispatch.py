@@ -79,6 +79,14 @@ def gemv_route(rows: int, weight_dtype: mx.Dtype) -> Optional[str]:
     return "numpy" if weight_dtype == mx.float32 else None
 
 
+def widens_bf16() -> bool:
+    """Whether a float32 run may keep bfloat16 projection weights: our kernel widens them as it reads.
+
+    Prefill's products cast them a block of rows at a time (:mod:`.linear`).
+    """
+    return cpu_paths() and _switch(ENV_GEMV) is not False and _switch(ENV_NATIVE) is not False and native.available()
+
+
 def drafting_pays() -> bool:
     """Whether speculative decoding with the MTP head is on by default: where verifying a few tokens costs about one step.
 
