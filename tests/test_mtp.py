@@ -339,3 +339,29 @@ def test_a_truncated_draft_head_keeps_the_output(mtp_model, vocab):
     off = generate(model, tok, "Tell me about owls.", mtp=False, **opts)
     on = generate(model, tok, "Tell me about owls.", mtp=True, draft_vocab=vocab, **opts)
     assert on.tokens == off.tokens and on.draft_tokens > 0
+
+
+def test_penalties_act_on_drafted_tokens_as_on_sampled_ones(mtp_model):
+    """Greedy with the instruct preset's presence penalty and a repetition penalty: the history of each verified
+    position includes the drafts before it."""
+    model, tok = mtp_model
+    s = Sampling(temperature=0, presence_penalty=2.0, repetition_penalty=1.3)
+    off = generate(model, tok, "Count: one one one", mtp=False, max_tokens=16, sampling=s)
+    on = generate(model, tok, "Count: one one one", mtp=True, num_draft_tokens=3, max_tokens=16, sampling=s)
+    assert on.tokens == off.tokens and on.draft_tokens > 0
+    # and with drafts that are right, so penalised positions are verified after accepted drafts
+    from mlx_qwen35.sampler import make_processors
+
+    procs = make_processors(s, 24)
+    cache = model.make_cache()
+    logits = prefill(model, PROMPT, cache)
+    control = ThinkingControl(None, reasoning=False, budget=None)
+    ref = list(decode_tokens(model, logits, cache, sampler=make_sampler(s), processors=procs, control=control,
+                             max_tokens=24))
+    cache = model.make_cache(mtp=True)
+    logits = prefill(model, PROMPT, cache)
+    stats = DraftStats()
+    out = list(speculative_tokens(model, logits, cache, sampling=s, processors=procs, control=control, max_tokens=24,
+                                  policy=DraftPolicy(3, adaptive=False), stats=stats,
+                                  propose=right_on(ref, lambda i: i % 3 != 2)))
+    assert out == ref and stats.accepted > 0
