@@ -12,8 +12,10 @@ and decodes in blocks of ``--decode`` greedy tokens that continue from there,
 the sides taking turns for ``--rounds`` rounds: ours with our kernel
 (``MLX_QWEN35_NATIVE=1``), ours with numpy's gemv (``MLX_QWEN35_NATIVE=0``;
 float32 only), ours with MLX's matmul (``MLX_QWEN35_GEMV=0``, what ran
-before), and mlx-lm on the same weight arrays. Each figure is the best
-block's tokens/s; GB/s is that times the bytes of weights one step reads.
+before), and mlx-lm on the same weight arrays; in float32 also ours as a
+CPU user's float32 run loads it, the checkpoint's bf16 projections kept and
+widened by our kernel as it reads them. Each figure is the best block's
+tokens/s; GB/s is that times the bytes of weights that side reads a step.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ SIDES = {
     "ours, native": {ENV_GEMV: "1", ENV_NATIVE: "1"},
     "ours, numpy gemv": {ENV_GEMV: "1", ENV_NATIVE: "0"},
     "ours, MLX matmul": {ENV_GEMV: "0", ENV_NATIVE: "0"},
+    "ours, bf16 weights": {ENV_GEMV: "1", ENV_NATIVE: "1"},  # float32 compute, the weights widened as read
     "mlx-lm": None,
 }
+MODEL_OF = {"mlx-lm": "mlx-lm", "ours, bf16 weights": "half"}  # which model a side runs; the rest: "ours"
 
 
 def best_seconds(fn, reps: int = 5) -> float:
@@ -110,20 +114,19 @@ def decode(model, cache, token: int, n: int) -> tuple[float, int]:
     return time.perf_counter() - t, token
 
 
-def measure(ours, theirs, T: int, n: int, rounds: int, sides: list[str]) -> dict[str, float]:
+def measure(models: dict, T: int, n: int, rounds: int, sides: list[str]) -> dict[str, float]:
     """Best decode tokens/s of each side after a T-token prompt, blocks of n tokens taking turns."""
     ids = list(range(1000, 1000 + T))
     state = {}
-    for side, (model, prefill) in (("ours", (ours, prefill_ours)), ("mlx-lm", (theirs, prefill_theirs))):
-        cache, logits = prefill(model, ids)
-        state[side] = [cache, int(mx.argmax(logits).item())]
+    for who, model in models.items():
+        cache, logits = (prefill_theirs if who == "mlx-lm" else prefill_ours)(model, ids)
+        state[who] = [cache, int(mx.argmax(logits).item())]
     best = dict.fromkeys(sides, 0.0)
     for r in range(rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
-            who = "mlx-lm" if SIDES[side] is None else "ours"
+            who = MODEL_OF.get(side, "ours")
             os.environ.update(SIDES[side] or {})
-            model = ours if who == "ours" else theirs
-            seconds, state[who][1] = decode(model, state[who][0], state[who][1], n)
+            seconds, state[who][1] = decode(models[who], state[who][0], state[who][1], n)
             best[side] = max(best[side], n / seconds)
     for name in (ENV_GEMV, ENV_NATIVE):
         os.environ.pop(name, None)
@@ -139,7 +142,7 @@ def main():
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = ap.parse_args()
     # numpy has no bfloat16 product: there that side would be MLX's matmul again.
-    sides = [s for s in SIDES if a.dtype == "float32" or s != "ours, numpy gemv"]
+    sides = [s for s in SIDES if a.dtype == "float32" or s not in ("ours, numpy gemv", "ours, bf16 weights")]
     blas = use_fast_blas()
     path = a.checkpoint or default_checkpoint("qwen3_5_2b")
     bw = read_bandwidth()
@@ -147,6 +150,11 @@ def main():
     print(f"checkpoint: {path}  (random weights, real shape)\nmlx {mx.__version__}, BLAS: {blas}")
     print("read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()) + f"; taken as {peak:.1f}")
     ours, theirs = load_pair(path, a.dtype)
+    models = {"ours": ours, "mlx-lm": theirs}
+    if "ours, bf16 weights" in sides:  # a float32 run as users get it on a CPU: the checkpoint's bf16 projections kept
+        from mlx_qwen35.loading import load_model
+
+        models["half"] = load_model(path, dtype=mx.float32)
     nbytes = step_bytes(ours)
     print(f"weights read per decode step: {nbytes / 2**30:.2f} GiB -> at most {peak * 1e9 / nbytes:.2f} tokens/s")
     load = os.getloadavg()[0]
@@ -154,10 +162,10 @@ def main():
     print(f" over {a.rounds} round(s)")
     print(f"{'prompt':>8}" + "".join(f"{s:>30}" for s in sides))
     for T in a.prompts:
-        best = measure(ours, theirs, T, a.decode, a.rounds, sides)
+        best = measure(models, T, a.decode, a.rounds, sides)
         cells = []
         for s in sides:
-            gbs = best[s] * nbytes / 1e9
+            gbs = best[s] * (step_bytes(models["half"]) if MODEL_OF.get(s) == "half" else nbytes) / 1e9
             cells.append(f"{best[s]:.2f} ({gbs:.1f} GB/s, {100 * gbs / peak:.0f}%)")
         print(f"{T:>8}" + "".join(f"{c:>30}" for c in cells), flush=True)
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}")

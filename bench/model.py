@@ -55,6 +55,7 @@ def load_pair(path: Path, dtype: str):
     if dtype == "q4":
         return load_model(quantized(path, "ours")), lm_load(quantized(path, "mlx_lm"))[0]
     ours = load_model(path, dtype=getattr(mx, dtype))
+    ours.cast(getattr(mx, dtype))  # all of it: a CPU float32 run would keep bf16 projections, here the same weights
     theirs, _ = lm_load(path, lazy=True)
     theirs.set_dtype(getattr(mx, dtype))
     share_weights(ours, theirs)

@@ -123,6 +123,7 @@ def main():
     a = ap.parse_args()
     print(use_fast_blas())
     model = load_model(a.checkpoint or default_checkpoint(), dtype=mx.float32, mtp=True)
+    model.cast(mx.float32)  # float32 weights (a CPU float32 run would keep the checkpoint's bf16 projections)
     prompt = list(range(1000, 1000 + a.prompt))
 
     fwd = forward_cost(model, prompt, a.rounds)
