@@ -211,9 +211,11 @@ def test_sampled_tokens_follow_the_target_distribution(mtp_model):
     second_choice = {int(a): int(np.argsort(-np.array(p1))[1]) for a in firsts}  # a plausible token, often wrong
     mx.random.seed(1)
     n, counts = 300, {}
+    c = model.make_cache(mtp=True)
+    lg = prefill(model, PROMPT, c)
+    start = hybrid.snapshot(c)
     for _ in range(n):
-        c = model.make_cache(mtp=True)
-        lg = prefill(model, PROMPT, c)
+        hybrid.restore(c, start, len(PROMPT))  # each run from the prompt's cache
         out = list(speculative_tokens(
             model, lg, c, sampling=s, processors=[], control=ThinkingControl(None, reasoning=False, budget=None),
             max_tokens=2, policy=DraftPolicy(1, adaptive=False), stats=DraftStats(),
