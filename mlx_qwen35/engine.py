@@ -20,7 +20,7 @@ from .model import cache as hybrid
 from .model import mtp
 from .ops.dispatch import gemv_route
 from .reasoning import ThinkingControl
-from .sampler import make_processors, make_sampler
+from .sampler import logprobs_after, make_processors, make_sampler
 from .sampling import Sampling
 from .speculative import DraftPolicy, DraftStats, speculative_tokens
 from .stream import Piece, TextStream
@@ -108,9 +108,7 @@ HEAD_PENDING = 64
 
 def sample_next(logits: mx.array, sampler, processors, generated: list[int]) -> mx.array:
     """The next token (a scalar) from one sequence's logits [vocab], after the ``generated`` tokens."""
-    for p in processors:
-        logits = p(mx.array(generated, dtype=mx.int32), logits[None])[0]
-    return sampler((logits - mx.logsumexp(logits, keepdims=True))[None])[0]
+    return sampler(logprobs_after(logits, processors, generated))[0]
 
 
 def decode_tokens(

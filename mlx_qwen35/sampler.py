@@ -55,6 +55,13 @@ def probabilities(logprobs: mx.array, s: Sampling) -> mx.array:
     return mx.zeros(logprobs.shape, dtype=mx.float32).at[rows, idx].add(p)
 
 
+def logprobs_after(logits: mx.array, processors, history: list[int]) -> mx.array:
+    """One sequence's log-probabilities [1, V] from its logits [V], the ``processors`` run after ``history``."""
+    for p in processors:
+        logits = p(mx.array(history, dtype=mx.int32), logits[None])[0]
+    return (logits - mx.logsumexp(logits, keepdims=True))[None]
+
+
 def make_processors(s: Sampling, max_tokens: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
     """The penalties of ``s`` as mlx-lm logits processors ``(tokens so far, logits) → logits``."""
     return make_logits_processors(

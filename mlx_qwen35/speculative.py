@@ -27,7 +27,7 @@ import mlx.core as mx
 from .model import cache as hybrid
 from .model import mtp
 from .reasoning import ThinkingControl
-from .sampler import probabilities
+from .sampler import logprobs_after, probabilities
 from .sampling import Sampling
 
 
@@ -143,9 +143,7 @@ def speculative_tokens(
 
     def dist(row: mx.array, history: list[int]) -> mx.array:
         """The distribution [V] a token is drawn from, after ``history``."""
-        for p in processors:
-            row = p(mx.array(history, dtype=mx.int32), row[None])[0]
-        return probabilities((row - mx.logsumexp(row, keepdims=True))[None], sampling)[0]
+        return probabilities(logprobs_after(row, processors, history), sampling)[0]
 
     def draw(p: mx.array) -> int:
         return int(mx.argmax(p).item()) if greedy else int(mx.random.categorical(mx.log(p)).item())

@@ -73,8 +73,6 @@ def messages_of(prompt: Prompt, media: Sequence[Media] = ()) -> list[dict]:
 
 def draft_tokens(model, settings: Settings) -> int:
     """The most tokens the MTP head drafts a step under ``settings``: 0 decodes plainly."""
-    if settings.num_draft_tokens < 0:
-        raise Qwen35Error(f"num_draft_tokens: must be ≥ 0, got {settings.num_draft_tokens}")
     if settings.mtp and not model.has_mtp:
         raise Qwen35Error("mtp: this model has no MTP head (the checkpoint has none, or it was loaded with mtp=False)")
     on = settings.mtp if settings.mtp is not None else model.has_mtp and drafting_pays()
